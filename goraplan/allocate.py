@@ -1,0 +1,122 @@
+"""Per-layer rank allocation within plain LoRA's parameter budget (GoRA, arXiv 2502.12171, eq. 10).
+
+One unit of rank costs ``f_i = out_i + in_i`` parameters in module ``i``. The budget is what plain
+LoRA at rank ``r0`` trains: ``B = r0 * sum_i f_i``. Eq. 10 gives each module its share of the budget:
+``r_i = clip(round(B * a_i / f_i), r_min, r_max)``.
+
+Two modes:
+- ``paper``: eq. 10 as written (the reference code's rule). Clipping and rounding let the total drift
+  away from ``B``.
+- ``exact`` (default): after clipping, what clipping freed or consumed is redistributed over the
+  unclipped modules in proportion to ``a_i`` (repeated until no new module clips), then the real-valued
+  ranks are rounded with largest remainders, so ``sum_i r_i * f_i <= B`` and no further unit of rank fits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Literal
+
+AllocationMode = Literal["exact", "paper"]
+ALLOCATION_MODES: tuple[str, ...] = ("exact", "paper")
+
+
+def lora_budget(costs: Mapping[str, int], r0: int) -> int:
+    """Parameters plain LoRA at rank ``r0`` trains over these modules.
+
+    >>> lora_budget({"q": 1152, "v": 768}, 8)
+    15360
+    """
+    return r0 * sum(costs.values())
+
+
+def allocate_ranks(
+    shares: Mapping[str, float],
+    costs: Mapping[str, int],
+    r0: int,
+    r_min: int,
+    r_max: int,
+    mode: AllocationMode = "exact",
+) -> dict[str, int]:
+    """Ranks per module from importance shares ``a_i`` (summing to 1) and per-rank costs ``f_i``.
+
+    >>> allocate_ranks({"a": 0.5, "b": 0.5}, {"a": 100, "b": 100}, r0=8, r_min=4, r_max=32)
+    {'a': 8, 'b': 8}
+    """
+    _check_bounds(r0, r_min, r_max)
+    if set(shares) != set(costs):
+        raise ValueError("shares and costs must name the same modules")
+    if not shares:
+        return {}
+    budget = lora_budget(costs, r0)
+    if mode == "paper":
+        return {
+            name: min(max(_round_half_up(budget * shares[name] / costs[name]), r_min), r_max) for name in shares
+        }
+    if mode != "exact":
+        raise ValueError(f"unknown allocation mode {mode!r}; choose one of {', '.join(ALLOCATION_MODES)}")
+    targets = _water_fill(shares, costs, budget, r_min, r_max)
+    return _round_within_budget(targets, costs, budget, r_min, r_max)
+
+
+def _check_bounds(r0: int, r_min: int, r_max: int) -> None:
+    if r0 < 1 or r_min < 1 or r_max < 1:
+        raise ValueError(f"ranks must be at least 1 (got rank {r0}, min {r_min}, max {r_max})")
+    if r_min > r_max:
+        raise ValueError(f"min rank {r_min} is larger than max rank {r_max}")
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def _water_fill(
+    shares: Mapping[str, float], costs: Mapping[str, int], budget: float, r_min: int, r_max: int
+) -> dict[str, float]:
+    """Real-valued ranks ``clip(lam * a_i / f_i, r_min, r_max)`` with ``lam`` set so they spend the budget.
+
+    Eq. 10 is ``lam = B``. Clipping frees or consumes budget; raising or lowering ``lam`` hands that
+    to the unclipped modules in proportion to ``a_i``, which is the redistribution GoRA asks for.
+    The spent budget is monotone in ``lam``, so bisection finds it.
+    """
+    names = list(shares)
+    if sum(shares.values()) <= 0:  # no gradient signal at all: equal shares
+        shares = {name: 1.0 / len(names) for name in names}
+
+    def ranks(lam: float) -> dict[str, float]:
+        return {n: min(max(lam * shares[n] / costs[n], r_min), r_max) for n in names}
+
+    def spent(lam: float) -> float:
+        return sum(r * costs[n] for n, r in ranks(lam).items())
+
+    lo, hi = 0.0, float(budget)
+    while spent(hi) < budget and hi < 1e30:
+        hi *= 2.0
+        if all(r >= r_max for r in ranks(hi).values()):
+            break
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if spent(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return ranks(lo)
+
+
+def _round_within_budget(
+    targets: Mapping[str, float], costs: Mapping[str, int], budget: int, r_min: int, r_max: int
+) -> dict[str, int]:
+    """Largest-remainder rounding that never exceeds the budget and leaves no room for one more unit."""
+    ranks = {name: max(r_min, min(r_max, math.floor(t + 1e-9))) for name, t in targets.items()}
+    left = budget - sum(ranks[name] * costs[name] for name in ranks)
+    while True:
+        order = sorted(ranks, key=lambda n: (-(targets[n] - ranks[n]), costs[n], n))
+        grew = False
+        for name in order:
+            if ranks[name] < r_max and costs[name] <= left:
+                ranks[name] += 1
+                left -= costs[name]
+                grew = True
+        if not grew:
+            return ranks
