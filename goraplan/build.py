@@ -27,7 +27,7 @@ from goraplan.plan import (
     utc_now,
 )
 from goraplan.settings import PlanSettings
-from goraplan.targets import find_target_modules, weight_fingerprint
+from goraplan.targets import find_target_modules, weight_digest, weight_fingerprint
 
 
 def module_generator(seed: int, module: str) -> torch.Generator:
@@ -101,6 +101,7 @@ def build_plan(
         tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = a, b
     timings["init_s"] = time.perf_counter() - t0
 
+    digests = {name: weight_digest(m) for name, m in modules.items()}
     budget = lora_budget(costs, settings.rank)
     allocated = sum(ranks[n] * costs[n] for n in modules)
     first_weight = next(iter(modules.values())).weight
@@ -111,7 +112,7 @@ def build_plan(
             revision=getattr(getattr(model, "config", None), "_commit_hash", None),
             architecture=type(model).__name__,
             dtype=str(first_weight.dtype).removeprefix("torch."),
-            fingerprint=weight_fingerprint(modules),
+            fingerprint=weight_fingerprint(modules, digests),
         ),
         task=settings.task,
         labels=labels,
@@ -135,6 +136,7 @@ def build_plan(
                 share=shares[name],
                 params=ranks[name] * costs[name],
                 scaling=lora_scaling(settings.alpha, ranks[name]),
+                weight_sha256=digests[name],
             )
             for name, m in modules.items()
         ],

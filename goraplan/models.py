@@ -109,11 +109,10 @@ def load_model(
     """
     if task not in TASKS:
         raise GoraError(f"unknown task {task!r}: use one of {', '.join(TASKS)}.")
-    torch_dtype = _torch_dtype(dtype)
-    path = resolve_model_path(name)
-    kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    kwargs: dict = {"dtype": _torch_dtype(dtype), "trust_remote_code": trust_remote_code}
     if task == "seq-cls":
         kwargs.update(_label_kwargs(num_labels, label_names))
+    path = resolve_model_path(name)  # after checking the options: an alias may take a minute to prepare
     auto_class = transformers.AutoModelForCausalLM if task == "causal-lm" else transformers.AutoModelForSequenceClassification
 
     try:

@@ -68,6 +68,7 @@ class ModulePlan(_Strict):
     share: float = Field(description="Normalised importance a_i (eq. 9).")
     params: int = Field(description="Adapter parameters: rank * (out + in).")
     scaling: float = Field(description="alpha / sqrt(rank) (rsLoRA).")
+    weight_sha256: str = Field(description="sha256 of the base weight's float32 bytes.")
 
 
 class Totals(_Strict):

@@ -78,16 +78,21 @@ def rank_pattern_key(name: str) -> str:
     return re.escape(name)
 
 
-def weight_fingerprint(modules: dict[str, nn.Linear]) -> str:
-    """sha256 over the names, shapes and float32 bytes of the target weights.
+def weight_digest(module: nn.Linear) -> str:
+    """sha256 of one weight's float32 bytes.
 
-    Hashing the float32 cast (and not the stored dtype) keeps the fingerprint equal when the same weights
-    are loaded in another dtype whose cast is exact (bf16 -> fp32), and different when a cast loses bits.
+    Hashing the float32 cast (and not the stored dtype) keeps the digest equal when the same weights are
+    loaded in another dtype whose cast is exact (bf16 -> fp32), and different when a cast loses bits.
     """
+    w = module.weight.detach().to("cpu", torch.float32).contiguous()
+    return hashlib.sha256(w.numpy().tobytes()).hexdigest()
+
+
+def weight_fingerprint(modules: dict[str, nn.Linear], digests: dict[str, str] | None = None) -> str:
+    """sha256 over the names, shapes and float32 weight digests of the target modules."""
     digest = hashlib.sha256()
     for name in sorted(modules):
-        w = modules[name].weight.detach().to("cpu", torch.float32).contiguous()
         digest.update(name.encode())
-        digest.update(str(tuple(w.shape)).encode())
-        digest.update(w.numpy().tobytes())
+        digest.update(str(tuple(modules[name].weight.shape)).encode())
+        digest.update((digests[name] if digests else weight_digest(modules[name])).encode())
     return "sha256:" + digest.hexdigest()

@@ -1,0 +1,3 @@
+from goraplan.cli import main
+
+main()

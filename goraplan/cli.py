@@ -1,0 +1,224 @@
+"""`goraplan`: build, inspect, validate and compare GoRA plans.
+
+\b
+Examples:
+  goraplan build --model smollm2-135m --data sarcasm-lm -o plan.gora
+  goraplan inspect plan.gora --plot ranks.png
+  goraplan validate plan.gora --model smollm2-135m
+  goraplan diff a.gora b.gora
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from goraplan.allocate import ALLOCATION_MODES
+from goraplan.cli_support import run_cli
+from goraplan.importance import IMPORTANCE_METRICS
+from goraplan.plan import check_output_path, load_plan, manifest_json_schema
+from goraplan.settings import make_settings
+from goraplan.targets import parse_target_modules
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_DATA = {"causal-lm": "sarcasm-lm", "seq-cls": "sarcasm"}
+
+
+@click.group(help=__doc__)
+@click.version_option(package_name="goraplan")
+def cli() -> None:
+    pass
+
+
+# ---------------------------------------------------------------------------- build
+@cli.command()
+@click.option("--model", "model_name", default=DEFAULT_MODEL, show_default=True,
+              help="Hub id, local folder, or built-in alias (smollm2-135m, minilm-l6).")
+@click.option("--data", default=None, help="Data set: Hub name, local jsonl/json/csv/parquet, or built-in alias "
+              "(default: sarcasm-lm for causal-lm, sarcasm for seq-cls).")
+@click.option("--split", default="train", show_default=True, help="Data split to calibrate on.")
+@click.option("--task", type=click.Choice(["causal-lm", "seq-cls"]), default="causal-lm", show_default=True)
+@click.option("--target-modules", default=None,
+              help="Comma-separated module names or 'all-linear' (default: q,k,v,o projections; all-linear for seq-cls).")
+@click.option("--rank", default=8, show_default=True, type=int, help="r0: plain LoRA's rank; sets the budget.")
+@click.option("--min-rank", default=None, type=int, help="Smallest rank (default r0 // 2).")
+@click.option("--max-rank", default=None, type=int, help="Largest rank (default 4 * r0).")
+@click.option("--alpha", default=16.0, show_default=True, type=float, help="LoRA alpha (rsLoRA scaling alpha/sqrt(r)).")
+@click.option("--step-size", default=0.05, show_default=True, type=float, help="gamma: initial adapter ~ -gamma * G.")
+@click.option("--steps", default=64, show_default=True, type=int, help="N: gradient steps to accumulate.")
+@click.option("--batch-size", default=4, show_default=True, type=int)
+@click.option("--max-length", default=256, show_default=True, type=int)
+@click.option("--importance", type=click.Choice(IMPORTANCE_METRICS), default="sensitivity", show_default=True)
+@click.option("--allocation", type=click.Choice(ALLOCATION_MODES), default="exact", show_default=True)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--dtype", default="float32", show_default=True,
+              type=click.Choice(["float32", "bfloat16", "float16", "auto"]))
+@click.option("--offload-gradients", is_flag=True, help="Keep the float32 gradient accumulators in CPU memory.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations (long sequences).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code from the Hub.")
+@click.option("-o", "--output", default="plan.gora", show_default=True, type=click.Path(dir_okay=False))
+def build(model_name, data, split, task, target_modules, rank, min_rank, max_rank, alpha, step_size, steps,
+          batch_size, max_length, importance, allocation, seed, dtype, offload_gradients, gradient_checkpointing,
+          trust_remote_code, output):
+    """Accumulate gradients, allocate ranks and write the initial adapter as a .gora plan."""
+    from goraplan.build import build_plan, peak_memory_mb
+
+    settings = make_settings(
+        task=task, target_modules=parse_target_modules(target_modules), rank=rank, min_rank=min_rank,
+        max_rank=max_rank, alpha=alpha, step_size=step_size, steps=steps, batch_size=batch_size,
+        max_length=max_length, importance=importance, allocation=allocation, seed=seed,
+        offload_gradients=offload_gradients, gradient_checkpointing=gradient_checkpointing,
+    )
+    output = Path(output)
+    check_output_path(output)
+    data = data or DEFAULT_DATA[task]
+    started = time.perf_counter()
+    rank_id = _init_distributed()
+
+    from goraplan import data as data_mod
+    from goraplan.models import load_model
+
+    labels = None
+    if task == "seq-cls":
+        labels = data_mod.label_names_of(data_mod.load_records(data, split))
+    model, tokenizer = load_model(model_name, task, dtype=dtype, num_labels=len(labels) if labels else None,
+                                  label_names=labels, trust_remote_code=trust_remote_code)
+    ds, info = data_mod.prepare(data, tokenizer, task, split=split, max_length=max_length, seed=seed,
+                                limit=steps * batch_size, label_names=labels)
+    batches = data_mod.make_batches(ds, data_mod.PaddingCollator(tokenizer, task), batch_size, steps, source=data)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, desc="gradient steps", unit="step", disable=rank_id != 0)
+
+    def progress(step: int, loss: float) -> None:
+        bar.update(1 if _world() == 1 else _world())
+        bar.set_postfix(loss=f"{loss:.4f}")
+
+    plan = build_plan(model, batches, settings, model_name=model_name, data_source=data, data_split=split,
+                      labels=labels, progress=progress)
+    bar.close()
+    if rank_id == 0:
+        plan.save(output)
+        ranks = [m.rank for m in plan.manifest.modules]
+        t = plan.manifest.totals
+        st = plan.stats
+        click.echo(
+            f"wrote {output}: {len(ranks)} modules, ranks {min(ranks)}..{max(ranks)}, "
+            f"{t.allocated:,} params vs plain LoRA r={rank} {t.lora_equivalent:,} (ratio {t.ratio:.4f}), "
+            f"{time.perf_counter() - started:.1f} s total (gradients {st['gradients_s']:.1f} s, importance "
+            f"{st['importance_s']:.2f} s, allocation {st['allocation_s']:.3f} s, init {st['init_s']:.2f} s), "
+            f"peak memory {peak_memory_mb(next(model.parameters()).device):.0f} MiB"
+        )
+    _finish_distributed()
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _init_distributed() -> int:
+    """Join the process group that torchrun set up (gloo on CPU, nccl on CUDA); return this rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    return dist.get_rank()
+
+
+def _finish_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------- inspect / validate / diff / schema
+@cli.command()
+@click.argument("plan_path", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write the rank chart to this PNG.")
+@click.option("--modules/--no-modules", default=True, show_default=True, help="Show the per-module table.")
+def inspect(plan_path, as_json, plot, modules):
+    """Summary, rank distribution per module type and per-module table of a plan."""
+    from goraplan import report
+
+    plan = load_plan(plan_path)
+    if as_json:
+        click.echo(plan.manifest.model_dump_json(indent=2))
+    else:
+        for line in report.summary_lines(plan) + [""] + report.type_table_lines(plan):
+            click.echo(line)
+        if modules:
+            click.echo("")
+            for line in report.module_table_lines(plan):
+                click.echo(line)
+    if plot:
+        check_output_path(Path(plot))
+        report.plot_ranks(plan, plot)
+        click.echo(f"wrote {plot}", err=as_json)
+
+
+@cli.command()
+@click.argument("plan_path", type=click.Path(dir_okay=False))
+@click.option("--model", "model_name", default=None, help="Also check this base model's shapes and fingerprint.")
+@click.option("--dtype", default="float32", show_default=True)
+def validate(plan_path, model_name, dtype):
+    """Check a plan's schema, checksums and shapes, and optionally that a model matches it."""
+    plan = load_plan(plan_path)
+    click.echo(f"{plan_path}: valid plan (schema v{plan.manifest.schema_version}, "
+               f"{len(plan.manifest.modules)} modules, checksums verified)")
+    if model_name:
+        from goraplan.match import check_model_matches
+        from goraplan.models import load_model
+
+        model, _ = load_model(model_name, plan.manifest.task, dtype=dtype,
+                              num_labels=len(plan.manifest.labels) if plan.manifest.labels else None,
+                              label_names=plan.manifest.labels)
+        check_model_matches(plan, model)
+        click.echo(f"{model_name}: matches the plan (shapes and weight fingerprint)")
+
+
+@cli.command()
+@click.argument("first", type=click.Path(dir_okay=False))
+@click.argument("second", type=click.Path(dir_okay=False))
+def diff(first, second):
+    """What two plans disagree on: settings, ranks, importance order."""
+    from goraplan import report
+
+    for line in report.diff_lines(load_plan(first), load_plan(second)):
+        click.echo(line)
+
+
+@cli.command()
+def schema():
+    """Print the JSON Schema of the plan manifest."""
+    click.echo(json.dumps(manifest_json_schema(), indent=2))
+
+
+def _terminate_cleanly(signum, frame):  # SIGTERM runs `finally` blocks (temporary files) like Ctrl-C does
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate_cleanly)
+    run_cli(cli, sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()
