@@ -91,6 +91,8 @@ def apply_plan(model: nn.Module, plan: Plan, *, check_fingerprint: bool = True, 
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):
         peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    # PEFT keeps target_modules as a set; a list in the plan's order makes adapter_config.json reproducible.
+    peft_model.peft_config[adapter_name].target_modules = [m.name for m in plan.manifest.modules]
     _copy_plan_weights(peft_model, plan, adapter_name)
     return peft_model
 

@@ -370,7 +370,17 @@ class ExportResult:
         """For a peft export: the vLLM server command (with `base`, else the adapter's base model)."""
         if self.format != "peft":
             return None
-        return vllm_serve_command(base or self.base_model or "BASE_MODEL", self.out, self.max_rank)
+        return vllm_serve_command(_served_model(base or self.base_model or "BASE_MODEL"), self.out, self.max_rank)
+
+
+def _served_model(name: str) -> str:
+    """vLLM does not know goraplan's built-in aliases: give it the alias's local folder."""
+    try:
+        from goraplan.models import MODEL_ALIASES, resolve_model_path
+
+        return resolve_model_path(name) if name in MODEL_ALIASES else name
+    except GoraError:
+        return name
 
 
 @contextmanager

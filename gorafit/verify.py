@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 
-from goraplan.errors import GoraError
 from gorafit.export import (
     ADAPTER_CONFIG,
     EXPORT_RECORD,
@@ -45,8 +44,10 @@ from gorafit.export import (
     require_onnx,
     smallest_max_lora_rank,
 )
+from goraplan.errors import GoraError
 
-__all__ = ["ENGINES", "DEFAULT_PROMPTS", "VerifyReport", "verify", "vllm_python", "run_vllm_jobs"]
+__all__ = ["ENGINES", "DEFAULT_PROMPTS", "VerifyReport", "verify", "greedy_tokens", "score_tokens", "vllm_python",
+           "run_vllm_jobs"]
 
 ENGINES = ("peft", "vllm", "onnx")
 DEFAULT_PROMPTS = (
@@ -161,7 +162,7 @@ def _onnx_logits_fn(export_dir: Path) -> LogitsFn:
 
 
 def _greedy(logits_fn: LogitsFn, prompt: list[int], new_tokens: int) -> tuple[list[int], list[float]]:
-    """Greedy tokens and their log-probs (full recompute each step: exact, fine for short checks)."""
+    """Greedy tokens and their log-probs, recomputing the whole sequence each step (engines without a cache)."""
     ids = list(prompt)
     tokens, logprobs = [], []
     for _ in range(new_tokens):
@@ -173,7 +174,29 @@ def _greedy(logits_fn: LogitsFn, prompt: list[int], new_tokens: int) -> tuple[li
     return tokens, logprobs
 
 
-def _scored(logits_fn: LogitsFn, prompt: list[int], tokens: list[int]) -> list[float]:
+def _cache_kwargs(out: Any) -> dict[str, Any]:
+    """The KV cache to feed back: transformers 5.2x calls it ``cache``, earlier releases ``past_key_values``."""
+    if getattr(out, "cache", None) is not None:
+        return {"cache": out.cache}
+    return {"past_key_values": out.past_key_values}
+
+
+def greedy_tokens(model: torch.nn.Module, prompt: list[int], new_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens and their log-probs with the model's KV cache (never stops at EOS)."""
+    tokens, logprobs = [], []
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        for step in range(new_tokens):
+            row = torch.log_softmax(out.logits[0, -1].double(), dim=-1)
+            token = int(row.argmax())
+            tokens.append(token)
+            logprobs.append(float(row[token]))
+            if step + 1 < new_tokens:
+                out = model(input_ids=torch.tensor([[token]]), use_cache=True, **_cache_kwargs(out))
+    return tokens, logprobs
+
+
+def score_tokens(logits_fn: LogitsFn, prompt: list[int], tokens: list[int]) -> list[float]:
     """Teacher-forced log-probs of `tokens` after `prompt`, in one forward pass."""
     if not tokens:
         return []
@@ -300,6 +323,7 @@ def verify(
     # ---- the candidate
     started = time.perf_counter()
     candidate_fn: LogitsFn | None = None
+    candidate_model: torch.nn.Module | None = None
     if engine == "onnx":
         candidate_fn = _onnx_logits_fn(export_dir)
     elif engine == "peft":
@@ -309,7 +333,7 @@ def verify(
             config = json.loads((export_dir / "config.json").read_text())
             num_labels = len(config.get("id2label") or {}) or None
             model, _ = load_base_model(str(export_dir.resolve()), task, torch.float32, num_labels)
-        candidate_fn = _torch_logits_fn(model, task)
+        candidate_fn, candidate_model = _torch_logits_fn(model, task), model
     seconds["load_candidate"] = time.perf_counter() - started
 
     details: list[dict[str, Any]] = []
@@ -339,13 +363,16 @@ def verify(
             seconds.update(vllm_seconds)
         else:
             assert candidate_fn is not None
-            generated = [_greedy(candidate_fn, prompt, max_new_tokens) for prompt in ids]
+            if candidate_model is not None:
+                generated = [greedy_tokens(candidate_model, prompt, max_new_tokens) for prompt in ids]
+            else:
+                generated = [_greedy(candidate_fn, prompt, max_new_tokens) for prompt in ids]
             cand_tokens, cand_logprobs = [g[0] for g in generated], [g[1] for g in generated]
         seconds["candidate"] = time.perf_counter() - started
         started = time.perf_counter()
         for i, prompt in enumerate(ids):
-            ref_tokens, _ = _greedy(ref_fn, prompt, max_new_tokens)
-            scored = _scored(ref_fn, prompt, cand_tokens[i])
+            ref_tokens, _ = greedy_tokens(ref_model, prompt, max_new_tokens)
+            scored = score_tokens(ref_fn, prompt, cand_tokens[i])
             diffs = [abs(a - b) for a, b in zip(cand_logprobs[i], scored)]
             details.append({"prompt": i, "reference_tokens": ref_tokens, "tokens": cand_tokens[i],
                             "tokens_equal": ref_tokens == cand_tokens[i],

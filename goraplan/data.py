@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -447,7 +448,7 @@ def _assistant_spans(messages: list[dict], tokenizer, text: str) -> list[tuple[i
 
 
 def _chat_tokens_from_generation_marks(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
-    if "{% generation %}" not in (tokenizer.chat_template or "").replace("{%- generation %}", "{% generation %}"):
+    if not re.search(r"\{%-?\s*generation\s*-?%\}", tokenizer.chat_template or ""):
         raise GoraError("this tokenizer's chat template does not render a conversation's beginning as a prefix "
                         "of the whole, so assistant turns cannot be found: give prompt/completion data instead.")
     encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,

@@ -117,6 +117,9 @@ def plot_ranks(plan: Plan, path: str) -> None:
         ax.plot(range(len(ranks)), ranks, marker="o", markersize=3, label=kind)
     s = plan.manifest.settings
     ax.axhline(s.rank, color="grey", linestyle="--", linewidth=1, label=f"plain LoRA r={s.rank}")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel("rank")
     ax.set_title(f"GoRA ranks: {plan.manifest.base_model.name_or_path} "

@@ -341,3 +341,39 @@ def test_smollm2_chat_template_masks_only_assistant_turns():
     learned = tokenizer.decode([t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX])
     assert learned == "Hello there!<|im_end|>Fine, thanks.<|im_end|>"
     assert ids == tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+
+
+def test_package_download_reuses_cache_and_reports_pip_failure(tmp_path, monkeypatch):
+    import subprocess
+
+    from goraplan import cache
+
+    monkeypatch.setenv("GORA_CACHE", str(tmp_path))
+    (tmp_path / "downloads").mkdir()
+    wheel = tmp_path / "downloads" / "chatterbot_corpus-1.3.3-py2.py3-none-any.whl"
+    wheel.write_bytes(b"")
+    assert cache.package_file("chatterbot-corpus", "1.3.3") == wheel  # already there: no pip call
+    failed = subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution found for evals==3.0.1.post1")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: failed)
+    with pytest.raises(GoraError, match=r"could not download evals==3.0.1.post1 with pip \(ERROR: No matching.*"
+                                        r"pip download --no-deps evals==3.0.1.post1 -d "):
+        cache.package_file("evals", "3.0.1.post1")
+
+
+def test_messages_fall_back_to_generation_marks(tokenizer):
+    """A template that is not prefix-stable (here: a closing token after the last turn) but marks
+    assistant turns with {% generation %} still gets exact masks."""
+    marked = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, eos_token="<eos>", pad_token="<pad>")
+    marked.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|> {% if m['role'] == 'assistant' %}{% generation %}"
+        "{{ m['content'] }} <eos>{% endgeneration %}{% else %}{{ m['content'] }} <eos>{% endif %}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|> {% endif %}<|system|>"
+    )
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"},
+                {"role": "user", "content": "how are you"}, {"role": "assistant", "content": "fine"}]
+    ids, labels = data.chat_tokens(messages, marked)
+    learned = [t for t, label in zip(ids, labels, strict=True) if label != IGNORE_INDEX]
+    assert learned == ids_of(tokenizer, "hello there <eos> fine <eos>")
+    marked.chat_template = marked.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    with pytest.raises(GoraError, match="assistant turns cannot be found"):
+        data.chat_tokens(messages, marked)

@@ -1,0 +1,107 @@
+"""`gorafit export` and `gorafit verify`: thin click commands over gorafit.export and gorafit.verify.
+
+Library errors are `GoraError`s; the `gorafit` group's wrapper (goraplan.cli_support.run_cli) turns
+them into one sentence and exit code 2. `verify` exits 1 when the export does not match.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from gorafit.export import FORMATS, export_merged, export_onnx, export_peft
+from gorafit.verify import ENGINES
+from goraplan.errors import GoraError
+
+__all__ = ["export_cmd", "verify_cmd"]
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@click.command("export")
+@click.argument("run_or_adapter", metavar="RUN_OR_ADAPTER", type=click.Path(file_okay=True, dir_okay=True))
+@click.option("--format", "format_", type=click.Choice(FORMATS), default="peft", show_default=True,
+              help="peft: adapter folder for vLLM/PEFT; merged: base with the adapter merged in; onnx: merged, as ONNX.")
+@click.option("-o", "--output", "output", required=True, type=click.Path(), help="Output folder (must not exist).")
+@click.option("--vllm-legacy", is_flag=True,
+              help="peft only: fold each module's scaling into lora_B for vLLM older than 0.32.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
+              help="merged/onnx: dtype of the written weights (merging itself is done in float32).")
+@click.option("--base", "base", default=None,
+              help="Base model (Hub id, folder or built-in name); default: the adapter's base_model_name_or_path.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def export_cmd(run_or_adapter: str, format_: str, output: str, vllm_legacy: bool, dtype: str, base: str | None,
+               overwrite: bool) -> None:
+    """Export a trained adapter (a `gorafit run` folder or a PEFT adapter folder).
+
+    \b
+    Examples:
+      gorafit export runs/sarcasm --format peft -o out/gora-adapter
+      gorafit export runs/sarcasm --format peft --vllm-legacy -o out/gora-adapter-legacy
+      gorafit export runs/sarcasm --format merged --dtype bfloat16 -o out/merged
+      gorafit export runs/sarcasm --format onnx -o out/onnx
+    """
+    if vllm_legacy and format_ != "peft":
+        raise GoraError(f"--vllm-legacy applies to --format peft only (got --format {format_}): drop one of them.")
+    if format_ == "peft":
+        if dtype != "float32":
+            raise GoraError("--dtype applies to --format merged and onnx; a peft export keeps the adapter's own dtype.")
+        result = export_peft(run_or_adapter, output, vllm_legacy=vllm_legacy, overwrite=overwrite)
+    elif format_ == "merged":
+        result = export_merged(run_or_adapter, output, base=base, dtype=dtype, overwrite=overwrite)
+    else:
+        result = export_onnx(run_or_adapter, output, base=base, dtype=dtype, overwrite=overwrite)
+
+    ranks = sorted(result.ranks.values())
+    label = "peft, vLLM legacy" if result.vllm_legacy else result.format
+    click.echo(f"Wrote {result.out} ({label}, {len(ranks)} modules, ranks {ranks[0]}..{ranks[-1]}) "
+               f"in {result.seconds:.1f} s.")
+    for problem in result.problems:
+        click.echo(f"Warning: vLLM would refuse this adapter: {problem}", err=True)
+    if result.format == "peft":
+        click.echo("Serve it with vLLM:")
+        click.echo(f"  {result.serve_command(base)}")
+    click.echo(f"Check it: gorafit verify {result.out}"
+               + (" --engine onnx" if result.format == "onnx" else "")
+               + (f" --base {base}" if base else ""))
+
+
+@click.command("verify")
+@click.argument("export_dir", metavar="EXPORT", type=click.Path(exists=True, file_okay=False))
+@click.option("--base", "base", default=None, help="Base model; default: the one recorded in the export.")
+@click.option("--engine", type=click.Choice(ENGINES), default="peft", show_default=True,
+              help="What runs the export: PEFT/transformers here, vLLM's offline engine, or onnxruntime.")
+@click.option("--python", "python", default=None, type=click.Path(),
+              help="vllm engine: the python of an environment with vLLM (default: this one, if it has vLLM).")
+@click.option("--reference", default=None, type=click.Path(),
+              help="The trained adapter or run folder to compare with; default: the one recorded in the export.")
+@click.option("--prompt", "prompts", multiple=True, help="A prompt (repeatable); default: four built-in prompts.")
+@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=16, show_default=True)
+@click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+              help="Largest |logprob difference| accepted (float32).")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+def verify_cmd(export_dir: str, base: str | None, engine: str, python: str | None, reference: str | None,
+               prompts: tuple[str, ...], max_new_tokens: int, tolerance: float, as_json: bool) -> None:
+    """Check an export against the trained adapter: greedy tokens equal, log-probs within --tolerance.
+
+    Exits 1 on a mismatch.
+
+    \b
+    Examples:
+      gorafit verify out/gora-adapter
+      gorafit verify out/gora-adapter --engine vllm --python .venv-serve/bin/python
+      gorafit verify out/onnx --engine onnx
+    """
+    from gorafit.verify import verify
+
+    report = verify(export_dir, base=base, engine=engine, reference=reference, prompts=list(prompts) or None,
+                    max_new_tokens=max_new_tokens, tolerance=tolerance, python=python)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(report.summary())
+        click.echo(f"Largest |logprob difference|: {report.max_abs_logprob_diff:.3g}")
+    if not report.ok:
+        sys.exit(1)

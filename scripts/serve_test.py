@@ -1,0 +1,326 @@
+"""Serving end-to-end test: plan -> a few training steps -> export (native, legacy) -> vLLM offline -> vLLM server.
+
+Run through ``scripts/serve_test.sh``, which builds the serving environment (``.venv-serve``, vLLM on
+CPU) exactly as ASSETS.md describes and then runs this file with the project's own Python:
+
+    scripts/serve_test.sh [--work out/serve-test] [--train-steps 4] [--requests 6]
+
+Stages, each timed (wall seconds, written to ``WORK/serve_test.json``):
+
+1. train: ``goraplan build`` on SmolLM2-135M and the sarcasm headlines, then ``gorafit run`` for a few
+   steps. When those commands are not installed, the same kind of adapter (heterogeneous ranks,
+   rsLoRA) is trained a few steps with PEFT directly, and the report says so.
+2. export: ``gorafit export --format peft`` natively and with ``--vllm-legacy``.
+3. vLLM offline: ``gorafit verify --engine vllm`` for each export: greedy tokens identical to
+   HF+PEFT and log-probs within 1e-4 (float32).
+4. vLLM server: the OpenAI-compatible server on 127.0.0.1 with both adapters as ``--lora-modules``,
+   a bounded number of completion requests (greedy, token ids and log-probs returned) compared with
+   HF+PEFT, then the server is stopped.
+
+Exit code 0 when every check passes, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PROMPTS = [
+    "The capital of France is",
+    "Scientists discover that cats",
+    "Local man wins award for",
+]
+
+
+def log(message: str) -> None:
+    print(f"[serve-test {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def command(name: str) -> list[str]:
+    """The project's console script `name` (beside this Python), else ``python -m <package>``."""
+    script = BIN / name
+    return [str(script)] if script.exists() else [sys.executable, "-m", name]
+
+
+def has_subcommand(tool: str, sub: str) -> bool:
+    try:
+        return subprocess.run(command(tool) + [sub, "--help"], capture_output=True, timeout=120).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def run(cmd: list[str], ok_code: int = 0, **kwargs) -> subprocess.CompletedProcess:
+    log("$ " + " ".join(cmd))
+    proc = subprocess.run(cmd, text=True, **kwargs)
+    if proc.returncode not in (0, ok_code):
+        raise SystemExit(f"command failed with exit code {proc.returncode}: {' '.join(cmd)}")
+    return proc
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. A trained adapter
+
+
+def train_with_cli(work: Path, steps: int) -> Path:
+    plan = work / "plan.gora"
+    run(command("goraplan") + ["build", "--model", "smollm2-135m", "--data", "sarcasm-lm", "--steps", "4",
+                               "--batch-size", "2", "--max-length", "48", "--rank", "8", "-o", str(plan)])
+    run(command("gorafit") + ["run", str(plan), "-o", str(work / "run"), "--overwrite", "--max-steps", str(steps),
+                              "--batch-size", "2", "--max-train-samples", "64", "--eval-fraction", "0",
+                              "--lr", "1e-3", "--lr-ratio", "1", "--report-to", "none", "--disable-tqdm",
+                              "--save-steps", str(steps)])
+    return work / "run"
+
+
+def train_with_peft(work: Path, steps: int) -> Path:
+    """Fallback: the same kind of adapter, trained a few AdamW steps with PEFT directly."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from goraplan.models import load_model
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model("smollm2-135m", "causal-lm", device="cpu")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    names = [n for n, _ in model.named_modules() if n.split(".")[-1] in targets]
+    ranks = [4, 8, 12, 16, 24, 32]
+    config = LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=targets, init_lora_weights=True,
+                        task_type="CAUSAL_LM", rank_pattern={re.escape(n): ranks[i % len(ranks)] for i, n in enumerate(names)})
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.01)
+    texts = ["area man finally finishes reading terms and conditions", "scientists confirm coffee is a food group",
+             "local council approves new bike lanes downtown", "report: nation's dogs still very good"]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
+    peft_model.train()
+    for _ in range(steps):
+        loss = peft_model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    peft_model.eval()
+    run_dir = work / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    peft_model.save_pretrained(run_dir / "adapter")
+    (run_dir / "run.json").write_text(json.dumps({"plan_sha256": None, "settings": {
+        "note": "fallback: trained with PEFT directly (goraplan build / gorafit run not available)",
+        "max_steps": steps, "learning_rate": 1e-3}}))
+    return run_dir
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. The OpenAI-compatible server
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_json(url: str, payload: dict | None = None, timeout: float = 120) -> dict:
+    data = json.dumps(payload).encode() if payload is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def serve_and_query(serve_python: str, base_path: str, exports: dict[str, Path], max_lora_rank: int,
+                    prompts: list[str], requests: int, new_tokens: int, work: Path) -> dict:
+    port = free_port()
+    cmd = [serve_python, "-m", "vllm.entrypoints.openai.api_server", "--model", base_path, "--host", "127.0.0.1",
+           "--port", str(port), "--enable-lora", "--max-lora-rank", str(max_lora_rank), "--dtype", "float32",
+           "--max-model-len", "256", "--enforce-eager", "--lora-modules",
+           *[f"{name}={path}" for name, path in exports.items()]]
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    log("$ " + " ".join(cmd))
+    server_log = open(work / "server.log", "w")  # noqa: SIM115 (closed below)
+    started = time.perf_counter()
+    server = subprocess.Popen(cmd, stdout=server_log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    result: dict = {"port": port, "command": " ".join(cmd)}
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"server exited with code {server.returncode}; see {work / 'server.log'}")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("server not healthy after 600 s") from None
+                time.sleep(2)
+        result["startup_s"] = time.perf_counter() - started
+        models = [m["id"] for m in http_json(f"http://127.0.0.1:{port}/v1/models")["data"]]
+        result["models"] = models
+        answers = []
+        begin = time.perf_counter()
+        for i in range(requests):  # bounded: `requests` completions in all, round robin over adapters and prompts
+            name = list(exports)[i % len(exports)]
+            prompt = prompts[(i // len(exports)) % len(prompts)]
+            reply = http_json(f"http://127.0.0.1:{port}/v1/completions", {
+                "model": name, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0.0, "logprobs": 1,
+                "ignore_eos": True, "return_tokens_as_token_ids": True})
+            choice = reply["choices"][0]
+            tokens = [int(t.split(":", 1)[1]) for t in choice["logprobs"]["tokens"]]
+            answers.append({"model": name, "prompt": prompt, "text": choice["text"], "tokens": tokens,
+                            "logprobs": choice["logprobs"]["token_logprobs"]})
+        result["requests_s"] = time.perf_counter() - begin
+        result["answers"] = answers
+    finally:
+        begin = time.perf_counter()
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)  # the server and the engine processes it started
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+        server_log.close()
+        result["shutdown_s"] = time.perf_counter() - begin
+    return result
+
+
+def reference_for(answers: list[dict], run_dir: Path, base: str) -> float:
+    """Compare the server's answers with HF+PEFT: returns the largest |logprob diff|; raises on a token mismatch."""
+    import torch
+
+    from gorafit.export import load_adapted_model
+    from gorafit.verify import greedy_tokens, score_tokens
+
+    model, tokenizer, _ = load_adapted_model(run_dir / "adapter", base, torch.float32)
+
+    def logits_fn(ids):
+        with torch.no_grad():
+            return model(input_ids=ids).logits.float()
+
+    worst = 0.0
+    for answer in answers:
+        ids = list(tokenizer(answer["prompt"])["input_ids"])
+        expected, _ = greedy_tokens(model, ids, len(answer["tokens"]))
+        answer["tokens_equal"] = expected == answer["tokens"]
+        scored = score_tokens(logits_fn, ids, answer["tokens"])
+        answer["max_abs_logprob_diff"] = max(abs(a - b) for a, b in zip(scored, answer["logprobs"]))
+        worst = max(worst, answer["max_abs_logprob_diff"])
+    return worst
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default=str(ROOT / "out" / "serve-test"), help="Working folder (replaced).")
+    parser.add_argument("--serve-python", default=str(ROOT / ".venv-serve" / "bin" / "python"))
+    parser.add_argument("--train-steps", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=6, help="Completion requests sent to the server in all.")
+    parser.add_argument("--new-tokens", type=int, default=12)
+    parser.add_argument("--tolerance", type=float, default=1e-4)
+    parser.add_argument("--setup-seconds", type=float, default=None, help="(from serve_test.sh) venv setup time.")
+    args = parser.parse_args()
+
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    times: dict[str, float] = {}
+    if args.setup_seconds is not None:
+        times["setup_serving_env"] = args.setup_seconds
+    report: dict = {"times_s": times, "checks": {}}
+    total = time.perf_counter()
+
+    # ---- 1. plan + train
+    begin = time.perf_counter()
+    if has_subcommand("goraplan", "build") and has_subcommand("gorafit", "run"):
+        report["trained_with"] = "goraplan build + gorafit run"
+        run_dir = train_with_cli(work, args.train_steps)
+    else:
+        report["trained_with"] = "peft directly (goraplan build / gorafit run not installed)"
+        log("goraplan build / gorafit run not available: training the adapter with PEFT directly")
+        run_dir = train_with_peft(work, args.train_steps)
+    times["plan_and_train"] = time.perf_counter() - begin
+
+    # ---- 2. export native and legacy
+    from gorafit.export import read_adapter, smallest_max_lora_rank
+    from goraplan.models import resolve_model_path
+
+    exports = {"gora": work / "export-native", "gora-legacy": work / "export-legacy"}
+    use_cli = has_subcommand("gorafit", "export")
+    for name, out in exports.items():
+        begin = time.perf_counter()
+        if use_cli:
+            run(command("gorafit") + ["export", str(run_dir), "--format", "peft", "-o", str(out)]
+                + (["--vllm-legacy"] if name.endswith("legacy") else []))
+        else:
+            from gorafit.export import export_peft
+
+            export_peft(run_dir, out, vllm_legacy=name.endswith("legacy"))
+        times[f"export_{name}"] = time.perf_counter() - begin
+    config, _, _ = read_adapter(exports["gora"])
+    base = config.get("base_model_name_or_path") or "smollm2-135m"
+    base_path = resolve_model_path(base)
+    legacy_config, _, _ = read_adapter(exports["gora-legacy"])
+    max_rank = legacy_config["r"]
+    max_lora_rank = smallest_max_lora_rank(max_rank)
+    report.update(base=base, base_path=base_path, max_rank=max_rank, max_lora_rank=max_lora_rank)
+
+    # ---- 3. vLLM offline engine vs HF+PEFT
+    ok = True
+    for name, out in exports.items():
+        begin = time.perf_counter()
+        cmd = command("gorafit") + ["verify", str(out), "--engine", "vllm", "--python", args.serve_python,
+                                    "--max-new-tokens", str(args.new_tokens), "--tolerance", str(args.tolerance),
+                                    "--json", *sum((["--prompt", p] for p in PROMPTS), [])]
+        proc = run(cmd, capture_output=True, ok_code=1)
+        times[f"vllm_offline_{name}"] = time.perf_counter() - begin
+        verdict = json.loads(proc.stdout)
+        report["checks"][f"offline_{name}"] = {
+            "ok": verdict["ok"], "tokens_equal": verdict["tokens_equal"],
+            "max_abs_logprob_diff": verdict["max_abs_logprob_diff"], "seconds": verdict["seconds"]}
+        log(f"offline {name}: tokens equal {verdict['tokens_equal']}, max |logprob diff| "
+            f"{verdict['max_abs_logprob_diff']:.3g}")
+        ok &= verdict["ok"]
+
+    # ---- 4. the OpenAI-compatible server
+    begin = time.perf_counter()
+    served = serve_and_query(args.serve_python, base_path, exports, max_lora_rank, PROMPTS, args.requests,
+                             args.new_tokens, work)
+    times["server_total"] = time.perf_counter() - begin
+    times.update({f"server_{k}": v for k, v in served.items() if k.endswith("_s")})
+    worst = reference_for(served["answers"], run_dir, base)
+    server_ok = (set(exports) <= set(served["models"]) and all(a["tokens_equal"] for a in served["answers"])
+                 and worst <= args.tolerance)
+    report["checks"]["server"] = {"ok": server_ok, "models": served["models"], "requests": len(served["answers"]),
+                                  "max_abs_logprob_diff": worst,
+                                  "tokens_equal": all(a["tokens_equal"] for a in served["answers"])}
+    report["server_answers"] = served["answers"]
+    log(f"server: {len(served['answers'])} requests, tokens equal {report['checks']['server']['tokens_equal']}, "
+        f"max |logprob diff| {worst:.3g}")
+    ok &= server_ok
+
+    times["total"] = time.perf_counter() - total
+    report["ok"] = bool(ok)
+    (work / "serve_test.json").write_text(json.dumps(report, indent=2))
+    log("wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
+    log(f"{'PASS' if ok else 'FAIL'}; report in {work / 'serve_test.json'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
