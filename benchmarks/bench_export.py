@@ -59,11 +59,39 @@ def child(name: str, adapter: str, out: str) -> None:
         export.export_onnx(adapter, out)
     seconds = time.perf_counter() - started
     size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file()) if Path(out).exists() else 0
-    print(json.dumps({"export_s": seconds, "output_bytes": size}))
+    print(json.dumps({"export_s": seconds, "output_bytes": size, "vm_hwm_mib": vm_hwm_mib()}))
+
+
+def vm_hwm_mib() -> float | None:
+    """This process's own peak RSS (VmHWM): counts only memory touched since exec, unlike ru_maxrss."""
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration):
+        return None
+
+
+def prepare(model: str, folder: str, existing: str | None = None) -> None:
+    """Child: resolve the base model and make the adapter, so the parent stays small (see `measure`)."""
+    from gorafit.export import module_ranks, read_adapter
+    from goraplan.models import resolve_model_path
+
+    base_path = resolve_model_path(model)
+    adapter = Path(existing) if existing else make_adapter(base_path, Path(folder))
+    config, tensors, _ = read_adapter(adapter)
+    ranks = module_ranks(config, tensors)
+    print(json.dumps({"base_path": base_path, "adapter": str(adapter), "modules": len(ranks),
+                      "min_rank": min(ranks.values()), "max_rank": max(ranks.values()),
+                      "bytes": (adapter / "adapter_model.safetensors").stat().st_size}))
 
 
 def measure(name: str, adapter: Path, out: Path) -> dict:
-    """Run one child export and read its own peak RSS with os.wait4 (not the sum over children)."""
+    """Run one child export and read its own peak RSS with os.wait4 (not the sum over children).
+
+    Linux carries the parent's RSS at fork time into the child's ru_maxrss (exec records the old
+    address space's high-water mark), so the parent must stay small: it never imports torch before
+    the exports are measured. The child's own VmHWM is recorded beside it as a cross-check.
+    """
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, __file__, "--child", name, "--adapter", str(adapter), "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -200,12 +228,13 @@ def write_markdown(result: dict, path: Path) -> None:
         "",
         "## Export (one fresh process per format)",
         "",
-        "| format | export time (s) | process wall (s) | peak RSS (MiB) | output (MiB) |",
-        "|---|---:|---:|---:|---:|",
+        "| format | export time (s) | process wall (s) | peak RSS, ru_maxrss (MiB) | VmHWM (MiB) | output (MiB) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for row in result["exports"]:
         lines.append(f"| {row['format']} | {row['export_s']:.2f} | {row['process_wall_s']:.1f} | "
-                     f"{row['peak_rss_mib']:.0f} | {row['output_bytes'] / 2**20:.1f} |")
+                     f"{row['peak_rss_mib']:.0f} | {row['vm_hwm_mib'] or float('nan'):.0f} | "
+                     f"{row['output_bytes'] / 2**20:.1f} |")
     lines += ["", "`import-only` is the floor: a process that imports torch, transformers, peft and gorafit and "
               "exports nothing. Merging loads the base in float32 whatever the output dtype.", ""]
     if result.get("vllm"):
@@ -237,6 +266,7 @@ def write_markdown(result: dict, path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--prepare", help=argparse.SUPPRESS)
     parser.add_argument("--adapter", help="An existing adapter to export (default: a GoRA-shaped one is made).")
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="smollm2-135m")
@@ -252,23 +282,24 @@ def main() -> int:
     if args.child:
         child(args.child, args.adapter, args.out)
         return 0
+    if args.prepare:
+        prepare(args.prepare, args.out, args.adapter)
+        return 0
 
-    from goraplan.models import resolve_model_path
-
-    base_path = resolve_model_path(args.model)
     work = Path(tempfile.mkdtemp(prefix="bench-export-"))
     try:
-        adapter = Path(args.adapter) if args.adapter else make_adapter(base_path, work / "adapter")
-        from gorafit.export import module_ranks, read_adapter
-
-        config, tensors, _ = read_adapter(adapter)
-        ranks = module_ranks(config, tensors)
+        # The parent stays free of torch until the exports are measured (see `measure`).
+        proc = subprocess.run([sys.executable, __file__, "--prepare", args.model, "--out", str(work / "adapter")]
+                              + (["--adapter", args.adapter] if args.adapter else []),
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"preparing the adapter failed:\n{proc.stderr[-3000:]}")
+        prepared = json.loads(proc.stdout.strip().splitlines()[-1])
+        base_path, adapter = prepared.pop("base_path"), Path(prepared.pop("adapter"))
         result = {
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "machine": machine(), "versions": versions(), "model": args.model,
-            "adapter": {"modules": len(ranks), "min_rank": min(ranks.values()), "max_rank": max(ranks.values()),
-                        "bytes": (adapter / "adapter_model.safetensors").stat().st_size},
+            "machine": machine(), "versions": versions(), "model": args.model, "adapter": prepared,
             "exports": [],
         }
         for name in args.formats.split(","):

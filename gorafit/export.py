@@ -742,7 +742,8 @@ def write_model_card(folder: str | os.PathLike, result: ExportResult, source: Ad
         f"- Task: {result.task}",
         f"- Modules: {len(ranks)}; ranks min {values[0]}, median {values[len(values) // 2]}, max {values[-1]} "
         f"(sum {sum(values)})",
-        f"- Plan sha256: `{source.plan_sha256 or 'unknown (exported from a bare adapter folder)'}`",
+        f"- Plan sha256: `{source.plan_sha256 or 'unknown (exported from a bare adapter folder)'}`"
+        + (f" (`{info['plan']}`)" if isinstance(info.get("plan"), str) else ""),
         f"- Exported from: `{source.adapter_dir}`",
     ]
     if result.dtype:

@@ -76,6 +76,7 @@ class VerifyReport:
     tolerance: float
     max_abs_logprob_diff: float
     tokens_equal: bool
+    adapter_effect: float = 0.0  # the largest |logprob| change the trained adapter makes over the base model
     mismatched_prompts: list[int] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     details: list[dict[str, Any]] = field(default_factory=list)
@@ -88,12 +89,15 @@ class VerifyReport:
         return dict(asdict(self), ok=self.ok)
 
     def summary(self) -> str:
-        what = "greedy tokens" if self.task == "causal-lm" else "predicted labels"
         verdict = "OK" if self.ok else "MISMATCH"
+        what = "greedy tokens" if self.task == "causal-lm" else "predicted labels"
+        agree = "identical" if self.tokens_equal else f"differ (prompts {self.mismatched_prompts})"
+        size = (f"{self.prompts} prompts x {self.new_tokens} tokens" if self.task == "causal-lm"
+                else f"{self.prompts} inputs")
         return (f"{verdict}: {self.engine} on {self.export_format} export {self.export_dir} vs trained adapter "
-                f"{self.reference}: {what} {'identical' if self.tokens_equal else 'differ (prompts ' + str(self.mismatched_prompts) + ')'}, "
-                f"max |logprob diff| {self.max_abs_logprob_diff:.3g} (tolerance {self.tolerance:g}) over "
-                f"{self.prompts} prompts x {self.new_tokens} tokens.")
+                f"{self.reference}: {what} {agree}, max |logprob diff| {self.max_abs_logprob_diff:.3g} "
+                f"(tolerance {self.tolerance:g}) over {size} (the adapter itself changes log-probs by up to "
+                f"{self.adapter_effect:.3g}).")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -343,8 +347,11 @@ def verify(
         for i, prompt in enumerate(ids):
             ref_lp = torch.log_softmax(ref_fn(torch.tensor([prompt]))[0].double().reshape(-1), -1)
             cand_lp = torch.log_softmax(candidate_fn(torch.tensor([prompt]))[0].double().reshape(-1), -1)
+            with ref_model.disable_adapter():
+                base_lp = torch.log_softmax(ref_fn(torch.tensor([prompt]))[0].double().reshape(-1), -1)
             details.append({"prompt": i, "reference_label": int(ref_lp.argmax()), "label": int(cand_lp.argmax()),
-                            "max_abs_logprob_diff": float((ref_lp - cand_lp).abs().max())})
+                            "max_abs_logprob_diff": float((ref_lp - cand_lp).abs().max()),
+                            "adapter_effect": float((ref_lp - base_lp).abs().max())})
             details[-1]["tokens_equal"] = details[-1]["reference_label"] == details[-1]["label"]
         new_tokens = 0
     else:
@@ -373,10 +380,13 @@ def verify(
         for i, prompt in enumerate(ids):
             ref_tokens, _ = greedy_tokens(ref_model, prompt, max_new_tokens)
             scored = score_tokens(ref_fn, prompt, cand_tokens[i])
+            with ref_model.disable_adapter():
+                base_scored = score_tokens(ref_fn, prompt, cand_tokens[i])
             diffs = [abs(a - b) for a, b in zip(cand_logprobs[i], scored)]
             details.append({"prompt": i, "reference_tokens": ref_tokens, "tokens": cand_tokens[i],
                             "tokens_equal": ref_tokens == cand_tokens[i],
-                            "max_abs_logprob_diff": max(diffs) if diffs else 0.0})
+                            "max_abs_logprob_diff": max(diffs) if diffs else 0.0,
+                            "adapter_effect": max((abs(a - b) for a, b in zip(scored, base_scored)), default=0.0)})
         seconds["reference"] = time.perf_counter() - started
         new_tokens = max_new_tokens
 
@@ -385,5 +395,6 @@ def verify(
         engine=engine, export_dir=str(export_dir), export_format=export_format, reference=str(ref_dir),
         base_model=base_name, task=task, prompts=len(ids), new_tokens=new_tokens, tolerance=tolerance,
         max_abs_logprob_diff=max(d["max_abs_logprob_diff"] for d in details), tokens_equal=not mismatched,
+        adapter_effect=max(d["adapter_effect"] for d in details),
         mismatched_prompts=mismatched, seconds=seconds, details=details,
     )

@@ -16,7 +16,8 @@ from goraplan.errors import GoraError
 def run_cli(group: click.Group, args: list[str] | None = None) -> None:
     """Run a click group; a `GoraError` becomes ``Error: <sentence>`` on stderr and exit code 2."""
     try:
-        group.main(args=args, standalone_mode=False)
+        # Without standalone mode click returns ctx.exit(n)'s code instead of exiting with it.
+        code = group.main(args=args, standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(130)
@@ -33,4 +34,4 @@ def run_cli(group: click.Group, args: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(130)
-    sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -305,23 +305,23 @@ def test_exported_configs_pass_vllm_rules(export_adapter, tmp_path):
         assert check_vllm_compatible(config, 8) and "greater than max_lora_rank 8" in check_vllm_compatible(config, 8)[0]
 
 
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        ({"use_dora": True}, "DoRA"),
-        ({"bias": "all"}, "bias"),
-        ({"bias": "lora_only"}, "bias"),
-        ({"lora_bias": True}, "lora_bias"),
-        ({"modules_to_save": ["lm_head"]}, r"modules_to_save holds \['lm_head'\]"),
-        ({"modules_to_save": ["score", "embed_tokens"]}, "embed_tokens"),
-        ({"init_lora_weights": "gora"}, "init_lora_weights is 'gora'"),
-        ({"init_lora_weights": "pissa"}, "init_lora_weights is 'pissa'"),
-        ({"rank_pattern": {"q": 40}}, "LoRA rank 40 is greater than max_lora_rank 32"),
-        ({"r": 0}, "positive integer"),
-        ({"layer_replication": [[0, 1]]}, "layer_replication"),
-        ({"alora_invocation_tokens": [1, 2]}, "aLoRA"),
-    ],
-)
+_NEGATIVE_CASES = [
+    ({"use_dora": True}, "DoRA"),
+    ({"bias": "all"}, "bias"),
+    ({"bias": "lora_only"}, "bias"),
+    ({"lora_bias": True}, "lora_bias"),
+    ({"modules_to_save": ["lm_head"]}, r"modules_to_save holds \['lm_head'\]"),
+    ({"modules_to_save": ["score", "embed_tokens"]}, "embed_tokens"),
+    ({"init_lora_weights": "gora"}, "init_lora_weights is 'gora'"),
+    ({"init_lora_weights": "pissa"}, "init_lora_weights is 'pissa'"),
+    ({"rank_pattern": {"q": 40}}, "LoRA rank 40 is greater than max_lora_rank 32"),
+    ({"r": 0}, "positive integer"),
+    ({"layer_replication": [[0, 1]]}, "layer_replication"),
+    ({"alora_invocation_tokens": [1, 2]}, "aLoRA"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), _NEGATIVE_CASES)
 def test_vllm_rules_report_each_problem(change, message):
     config = dict(_good_config(), **change)
     problems = check_vllm_compatible(config, max_lora_rank=32)
@@ -446,6 +446,7 @@ def test_verify_passes_and_catches_a_tampered_export(export_adapter, tmp_path, c
     export_peft(run, tmp_path / "good", vllm_legacy=True)
     report = verify(tmp_path / "good", prompts=["the cat sat on the", "a big red car"], max_new_tokens=6)
     assert report.ok and report.tokens_equal and report.max_abs_logprob_diff < 1e-5, report.summary()
+    assert report.adapter_effect > 1e-2  # the check can tell the adapter from the base model
 
     export_peft(run, tmp_path / "bad")
     config, tensors, metadata = read_adapter(tmp_path / "bad")
@@ -482,6 +483,46 @@ def _vllm_python() -> str | None:
     return candidate if Path(candidate).exists() else None
 
 
+_VLLM_CHECK = """
+import json, sys
+from vllm.config.lora import LoRAConfig
+from vllm.lora.peft_helper import PEFTHelper
+limits = LoRAConfig(max_lora_rank=32)
+verdicts = []
+for config in json.load(open(sys.argv[1])):
+    try:
+        PEFTHelper.from_dict(config).validate_legal(limits)
+        verdicts.append(True)
+    except (ValueError, TypeError):
+        verdicts.append(False)
+print(json.dumps(verdicts))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_vllm_python() is None, reason="no serving environment with vLLM (.venv-serve or $GORA_VLLM_PYTHON); "
+                    "scripts/serve_test.sh builds one")
+def test_vllm_rules_agree_with_vllm(export_adapter, tmp_path):
+    """check_vllm_compatible accepts exactly what vLLM's own PEFTHelper accepts (no engine needed)."""
+    import subprocess
+
+    run, _ = export_adapter
+    configs = [dict(_good_config(), **change) for change, _ in _NEGATIVE_CASES]
+    configs += [_good_config(), dict(_good_config(), modules_to_save=["score"]),
+                dict(_good_config(), init_lora_weights="gaussian"), dict(_good_config(), rank_pattern={"q": 32})]
+    for legacy in (False, True):
+        export_peft(run, tmp_path / str(legacy), vllm_legacy=legacy)
+        configs.append(json.loads((tmp_path / str(legacy) / "adapter_config.json").read_text()))
+    (tmp_path / "configs.json").write_text(json.dumps(configs))
+    proc = subprocess.run([_vllm_python(), "-c", _VLLM_CHECK, str(tmp_path / "configs.json")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    verdicts = json.loads(proc.stdout.strip().splitlines()[-1])
+    ours = [check_vllm_compatible(config, 32) == [] for config in configs]
+    assert ours == verdicts
+    assert verdicts.count(False) == len(_NEGATIVE_CASES)
+
+
 @pytest.fixture(scope="module")
 def export_smollm2_adapter(tmp_path_factory) -> tuple[str, Path, PeftModel]:
     from goraplan.models import resolve_model_path
@@ -505,8 +546,28 @@ def test_smollm2_peft_and_merged_exports(export_smollm2_adapter, tmp_path):
     expected = _logits(source, ids)
     export_peft(adapter, tmp_path / "native")
     export_peft(adapter, tmp_path / "legacy", vllm_legacy=True)
-    for folder in ("native", "legacy"):
-        torch.testing.assert_close(_logits(_reload(base_dir, tmp_path / folder), ids), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_logits(_reload(base_dir, tmp_path / "native"), ids), expected, atol=1e-5, rtol=0)
+    # Legacy stores s_i * B rounded to float32 (half an ulp per entry); through 30 layers and an adapter
+    # that moves logits by several units, that is up to ~1e-4 on logits of size ~30.
+    torch.testing.assert_close(_logits(_reload(base_dir, tmp_path / "legacy"), ids), expected, atol=1e-4, rtol=0)
+
+    # In float64 end to end the fold is exact: B' = s_i * B stored in float64 gives the same logits.
+    adapter64 = tmp_path / "adapter64"
+    adapter64.mkdir()
+    config, tensors, _ = read_adapter(adapter)
+    (adapter64 / "adapter_config.json").write_text(json.dumps(config))
+    export_mod.save_file({k: v.double() for k, v in tensors.items()}, str(adapter64 / "adapter_model.safetensors"))
+    export_peft(adapter64, tmp_path / "legacy64", vllm_legacy=True)
+
+    def load64(folder):
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float64)
+        return PeftModel.from_pretrained(model, folder, torch_dtype=torch.float64).eval()
+
+    with torch.no_grad():
+        exact = load64(adapter64)(input_ids=ids).logits
+        folded = load64(tmp_path / "legacy64")(input_ids=ids).logits
+    torch.testing.assert_close(folded, exact, atol=1e-9, rtol=0)
+
     export_merged(adapter, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     torch.testing.assert_close(_logits(merged, ids), expected, atol=1e-4, rtol=0)
