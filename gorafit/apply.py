@@ -7,6 +7,7 @@ untouched base weight. Only the values of A and B differ from a fresh LoRA: they
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -76,7 +77,8 @@ def apply_plan(model: nn.Module, plan: Plan, *, check_fingerprint: bool = True, 
     >>> peft_model = apply_plan(model, load_plan("plan.gora"))                         # doctest: +SKIP
     >>> peft_model.print_trainable_parameters()                                         # doctest: +SKIP
     """
-    check_model_matches(plan, model, check_fingerprint=check_fingerprint)
+    with _gathered_targets(model, plan):
+        check_model_matches(plan, model, check_fingerprint=check_fingerprint)
     if plan.manifest.task == "seq-cls":
         head = head_name(model)
         inside_head = [m.name for m in plan.manifest.modules if m.name == head or m.name.startswith(head + ".")]
@@ -95,6 +97,22 @@ def apply_plan(model: nn.Module, plan: Plan, *, check_fingerprint: bool = True, 
     peft_model.peft_config[adapter_name].target_modules = [m.name for m in plan.manifest.modules]
     _copy_plan_weights(peft_model, plan, adapter_name)
     return peft_model
+
+
+def _gathered_targets(model: nn.Module, plan: Plan):
+    """Under DeepSpeed ZeRO-3 (weights partitioned while loading) the fingerprint needs the whole weights:
+    gather the planned modules' weights for the check (a collective: every process calls it)."""
+    weights = []
+    for entry in plan.manifest.modules:
+        try:
+            weights.append(model.get_submodule(entry.name).weight)
+        except AttributeError:  # a missing module: check_model_matches names it
+            continue
+    if not any(hasattr(w, "ds_id") for w in weights):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(weights, modifier_rank=None)
 
 
 def _copy_plan_weights(peft_model: PeftModel, plan: Plan, adapter_name: str) -> None:

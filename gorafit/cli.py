@@ -2,6 +2,7 @@
 
 Examples:
 
+\b
     gorafit run plan.gora --max-steps 200 --lr 2e-4
     gorafit run plan.gora --data sarcasm --eval-data sarcasm --output-dir runs/sarcasm
     gorafit run plan.gora --config train.yaml --resume
@@ -118,6 +119,7 @@ def run_cmd(plan_path: str, config_file: str | None, **given) -> None:
     file_values = load_config_file(config_file) if config_file else {}
     settings = make_train_settings(file_values, **given)
     result = train(plan_path, settings)
+    _end_process_group()
     if result.is_main_process:
         m = result.metrics
         parts = [f"{m['global_step']} steps"]
@@ -130,6 +132,14 @@ def run_cmd(plan_path: str, config_file: str | None, **given) -> None:
             parts.append(f"eval accuracy {m['eval_accuracy']:.2%}")
         click.echo(f"trained: {', '.join(parts)}")
         click.echo(f"adapter: {result.adapter_dir}")
+
+
+def _end_process_group() -> None:
+    """Leave torch.distributed cleanly (every process is past the final barrier), not at interpreter exit."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 try:  # `gorafit export` / `gorafit verify` live in their own module

@@ -176,12 +176,13 @@ def train(
     """Train the adapter a GoRA plan describes and save it in ``<output_dir>/adapter``.
 
     ``plan`` is a `Plan` or the path of a ``.gora`` file (``plan_path`` names the file of a `Plan` given
-    in Python, for the record). ``model`` / ``tokenizer`` replace loading the base model named in the plan (or ``settings.model``).
-    Works unchanged under ``torchrun`` (DDP), with ``settings.fsdp`` and with ``settings.deepspeed``.
+    in Python, for the record). ``model`` / ``tokenizer`` replace loading the base model named in the plan
+    (or ``settings.model``). Works unchanged under ``torchrun`` (DDP), with ``settings.fsdp`` and with ``settings.deepspeed``.
 
     >>> result = train("plan.gora", TrainSettings(data="sarcasm", max_steps=100))  # doctest: +SKIP
     >>> result.metrics["eval_loss"], result.adapter_dir                          # doctest: +SKIP
     """
+    run_started = time.perf_counter()
     # ---- settings: the plan fills in what the user left open
     plan_path = Path(plan_path) if plan_path is not None else None
     if not isinstance(plan, Plan):
@@ -218,7 +219,12 @@ def train(
 
         labels = label_names_of(load_records(settings.data, settings.data_split))
     if model is None:
-        model, tokenizer = _main_first(state, lambda: _load_base_model(settings, task, labels, manifest.settings.seed))
+        from goraplan.models import resolve_model_path
+
+        # A built-in model is converted into the cache once, by the main process; then every process loads it
+        # at the same time (under ZeRO-3 loading partitions the weights, which takes all processes together).
+        _main_first(state, lambda: resolve_model_path(settings.model))
+        model, tokenizer = _load_base_model(settings, task, labels, manifest.settings.seed)
     peft_model = apply_plan(model, plan, check_fingerprint=not settings.ignore_fingerprint)
 
     # ---- data
@@ -244,7 +250,15 @@ def train(
 
     # ---- train
     started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    try:
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    except BaseException as exc:  # the record says the run did not finish, and why; --resume continues it
+        if main:
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            record.update(status="interrupted" if interrupted else "failed", finished_at=utc_now(),
+                          error=f"{type(exc).__name__}: {exc}"[:500])
+            _write_json(out / RUN_FILE, record)
+        raise
     train_seconds = time.perf_counter() - started
     history = trainer.state.log_history
     final_eval = {}
@@ -260,30 +274,36 @@ def train(
     trainer.save_model(str(adapter_dir))
     _wait(state)
     metrics = _metrics(history, output, final_eval, trainer.state.global_step)
+    error = None
     if main:
-        (adapter_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; run.json has every setting
-        verify_adapter(adapter_dir, plan, head=head_name(model) if task == "seq-cls" else None)
-        _write_json(adapter_dir / "gora.json", {
-            "plan_sha256": plan.sha256,
-            "plan": str(plan_path) if plan_path else None,
-            "base_model": settings.model,
-            "task": task,
-            "ranks": plan.ranks,
-            "run": str(out),
-        })
+        try:
+            (adapter_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; run.json has every setting
+            verify_adapter(adapter_dir, plan, head=head_name(model) if task == "seq-cls" else None)
+        except GoraError as exc:  # raised after the others are released
+            error = exc
+            record.update(status="failed", finished_at=utc_now(), error=str(exc))
+        else:
+            _write_json(adapter_dir / "gora.json", {
+                "plan_sha256": plan.sha256,
+                "plan": str(plan_path) if plan_path else None,
+                "base_model": settings.model,
+                "task": task,
+                "ranks": plan.ranks,
+                "run": str(out),
+            })
+            record.update(status="completed", finished_at=utc_now(), adapter=ADAPTER_DIR)
         record.update(
-            status="completed",
-            finished_at=utc_now(),
-            wall_time_s=round(time.perf_counter() - started, 3),
+            wall_time_s=round(time.perf_counter() - run_started, 3),
             train_time_s=round(train_seconds, 3),
             peak_memory_mb=round(peak_memory_mb(args.device), 1),
             global_step=trainer.state.global_step,
             parallelism=parallelism(trainer),
             metrics=metrics,
-            adapter=ADAPTER_DIR,
         )
         _write_json(out / RUN_FILE, record)
     _wait(state)
+    if error is not None:
+        raise error
     return RunResult(output_dir=out, adapter_dir=adapter_dir, metrics=metrics, record=record, is_main_process=main)
 
 
@@ -368,8 +388,10 @@ def training_arguments(settings: TrainSettings, task: str, *, has_eval: bool, re
         fsdp_config=fsdp_config,
         deepspeed=deepspeed_config_path(settings.deepspeed) if settings.deepspeed else None,
     )
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-        kwargs["use_cpu"] = True  # several CPU processes (torchrun): accelerate sets up DDP over gloo only then
+    if _cpu_only() and not settings.deepspeed:
+        # accelerate sets DDP over gloo up for several CPU processes (torchrun), and allows bf16 on the CPU,
+        # only when told that the CPU is the device
+        kwargs["use_cpu"] = True
     if settings.gradient_checkpointing:
         kwargs["activation_checkpointing_kwargs"] = {"use_reentrant": False}
     try:
@@ -377,6 +399,17 @@ def training_arguments(settings: TrainSettings, task: str, *, has_eval: bool, re
     except (ValueError, ImportError) as exc:
         first = (str(exc).strip().splitlines() or ["no details"])[0]
         raise GoraError(f"invalid training arguments: {first}") from None
+
+
+def _cpu_only() -> bool:
+    """No GPU or other accelerator that accelerate would pick."""
+    if torch.cuda.is_available():
+        return False
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return False
+    xpu = getattr(torch, "xpu", None)
+    return not (xpu is not None and xpu.is_available())
 
 
 def report_to(spec: str) -> list[str]:

@@ -91,7 +91,7 @@ def build(model_name, data, split, task, target_modules, rank, min_rank, max_ran
     records = data_mod.load_records(data, split)  # bad data fails here, before a model is loaded
     labels = data_mod.label_names_of(records) if task == "seq-cls" else None
     model, tokenizer = load_model(model_name, task, dtype=dtype, num_labels=len(labels) if labels else None,
-                                  label_names=labels, trust_remote_code=trust_remote_code)
+                                  label_names=labels, trust_remote_code=trust_remote_code, seed=seed)
     find_target_modules(model, settings.resolved().target_modules)  # fails fast, before any gradient step
     ds, info = data_mod.prepare(data, tokenizer, task, split=split, max_length=max_length, seed=seed,
                                 limit=steps * batch_size, label_names=labels)

@@ -12,7 +12,6 @@ from goraplan.match import ModelMismatchError
 from tests.tiny import random_batches, tiny_bert_cls, tiny_llama
 
 
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""

@@ -1,6 +1,7 @@
 """gorafit.train: LoRA+ groups, the schedule, the run folder, resuming a killed run exactly, and (slow)
 training that lowers the eval loss of a real model on real data."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -218,6 +219,15 @@ def test_classification_run_reports_accuracy_and_saves_the_head(cls_inputs, tmp_
     assert record["labels"] == LABELS and record["data"]["label_names"] == LABELS
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed")
+def test_tensorboard_logs_when_installed(causal_inputs, tmp_path):
+    out = tmp_path / "run"
+    train(causal_inputs["plan"], TrainSettings(max_steps=2, logging_steps=1, save_steps=2, output_dir=str(out),
+                                               disable_tqdm=True))  # report_to: auto
+    assert list((out / "runs").rglob("events.out.tfevents.*"))
+    assert json.loads((out / "run.json").read_text())["training_arguments"]["report_to"] == ["tensorboard"]
+
+
 def test_verify_adapter_refuses_an_empty_or_sharded_save(causal_inputs, tmp_path):
     plan = goraplan.load_plan(causal_inputs["plan"])
     folder = tmp_path / "adapter"
@@ -358,12 +368,12 @@ def test_training_lowers_the_eval_loss_of_minilm_on_sarcasm(tmp_path):
 
     result = train(plan, TrainSettings(
         max_train_samples=480, eval_data="sarcasm", eval_split="test", max_eval_samples=256,
-        num_train_epochs=1, per_device_train_batch_size=16, learning_rate=1e-4, eval_steps=10,
+        num_train_epochs=1, per_device_train_batch_size=16, learning_rate=2e-4, eval_steps=10,
         output_dir=str(tmp_path / "run"), report_to="none", disable_tqdm=True,
     ))
     m = result.metrics
     print(f"eval loss {m['eval_loss_start']:.4f} -> {m['eval_loss']:.4f}, "
           f"accuracy {m['eval_accuracy_start']:.3f} -> {m['eval_accuracy']:.3f}")
     assert m["global_step"] == 30
-    assert m["eval_loss"] < m["eval_loss_start"] - 0.02
+    assert m["eval_loss"] < m["eval_loss_start"] - 0.03
     assert m["eval_accuracy"] > 0.5
