@@ -9,7 +9,8 @@ Two modes:
   away from ``B``.
 - ``exact`` (default): after clipping, what clipping freed or consumed is redistributed over the
   unclipped modules in proportion to ``a_i`` (repeated until no new module clips), then the real-valued
-  ranks are rounded with largest remainders, so ``sum_i r_i * f_i <= B`` and no further unit of rank fits.
+  ranks are rounded with largest remainders, so ``sum_i r_i * f_i <= B`` and it is within one module's cost of the budget
+  unless every module with importance is already at ``r_max``.
 """
 
 from __future__ import annotations
@@ -90,11 +91,12 @@ def _water_fill(
     def spent(lam: float) -> float:
         return sum(r * costs[n] for n, r in ranks(lam).items())
 
+    def saturated(lam: float) -> bool:  # no module with importance can grow any more
+        return all(r >= r_max for n, r in ranks(lam).items() if shares[n] > 0)
+
     lo, hi = 0.0, float(budget)
-    while spent(hi) < budget and hi < 1e30:
+    while spent(hi) < budget and not saturated(hi) and hi < 1e300:  # shares below ~1e-300 stay at r_min
         hi *= 2.0
-        if all(r >= r_max for r in ranks(hi).values()):
-            break
     for _ in range(200):
         mid = 0.5 * (lo + hi)
         if spent(mid) <= budget:
@@ -107,16 +109,17 @@ def _water_fill(
 def _round_within_budget(
     targets: Mapping[str, float], costs: Mapping[str, int], budget: int, r_min: int, r_max: int
 ) -> dict[str, int]:
-    """Largest-remainder rounding that never exceeds the budget and leaves no room for one more unit."""
+    """Largest-remainder rounding that never exceeds the budget.
+
+    Each module gets the floor of its real-valued rank, then the modules with the largest fractional
+    parts get one more unit while it fits. A module already at its real-valued rank gets nothing more,
+    so budget that no module with importance can absorb (all at ``r_max``) stays unspent rather than
+    going to unimportant layers.
+    """
     ranks = {name: max(r_min, min(r_max, math.floor(t + 1e-9))) for name, t in targets.items()}
     left = budget - sum(ranks[name] * costs[name] for name in ranks)
-    while True:
-        order = sorted(ranks, key=lambda n: (-(targets[n] - ranks[n]), costs[n], n))
-        grew = False
-        for name in order:
-            if ranks[name] < r_max and costs[name] <= left:
-                ranks[name] += 1
-                left -= costs[name]
-                grew = True
-        if not grew:
-            return ranks
+    for name in sorted(ranks, key=lambda n: (-(targets[n] - ranks[n]), costs[n], n)):
+        if targets[name] - ranks[name] > 1e-9 and ranks[name] < r_max and costs[name] <= left:
+            ranks[name] += 1
+            left -= costs[name]
+    return ranks
