@@ -4,6 +4,8 @@
     python benchmarks/quality/run.py --mode full           # the whole grid; resumable, rerun to continue
     python benchmarks/quality/run.py --mode full --report-only
     python benchmarks/quality/run.py --mode full --max-minutes 90   # start no new run after 90 minutes
+    python benchmarks/quality/run.py --mode full --shard 0/2 &      # two workers, one per core
+    python benchmarks/quality/run.py --mode full --shard 1/2
 
 Every run is one method at one learning rate and one seed, trained by the same loop
 (`harness.train_and_evaluate`: AdamW, one epoch, cosine with 3% warm-up, float32, grad-norm clip 1)
@@ -32,6 +34,7 @@ import platform
 import sys
 import time
 import traceback
+import zlib
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -113,7 +116,7 @@ MODES = {
     ),
     "quick": Mode(
         name="quick", results=RESULTS / "quick",
-        nlu=dict(train_examples=500, test_examples=500, max_length=64),
+        nlu=dict(train_examples=600, test_examples=500, max_length=64),  # >= N * 8 = 512 for GoRA's N = 64
         nlg=dict(train_examples=64, test_examples=60, max_length=64),
         lrs=[1e-4, 1e-3], seeds=[0],
         nlu_methods=[s for s in NLU_METHODS if s.method in ("full", "lora", "loraplus", "gora")],
@@ -258,7 +261,7 @@ def load_records(results: Path) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------------- main
 def run_grid(mode: Mode, command: list[str], max_minutes: float | None, parts: set[str], threads: int = 1,
-             max_seeds: int | None = None) -> None:
+             max_seeds: int | None = None, shard: tuple[int, int] = (0, 1)) -> None:
     import torch
 
     from benchmarks.quality import harness, workloads
@@ -290,7 +293,7 @@ def run_grid(mode: Mode, command: list[str], max_minutes: float | None, parts: s
         base = chosen[0] if chosen else None
         todo = [(p, s) for p, s in planned(mode, records, base or NLU_BASE_FALLBACK)
                 if (max_seeds is None or s.seed < max_seeds) and s.run_id not in have and s.run_id not in failures and p in parts
-                and (p != "ablation" or base is not None)]
+                and (p != "ablation" or base is not None) and in_shard(s.run_id, shard)]
         if not todo:
             break
         if max_minutes is not None and time.time() - started > 60 * max_minutes:
@@ -327,6 +330,22 @@ def run_grid(mode: Mode, command: list[str], max_minutes: float | None, parts: s
     print(f"[quality] {done} runs done, {failed} failed in {(time.time() - started) / 60:.1f} min", flush=True)
 
 
+def in_shard(run_id: str, shard: tuple[int, int]) -> bool:
+    """Worker `i` of `n` takes the runs whose id hashes to `i`: n workers share a grid without overlap."""
+    i, n = shard
+    return zlib.crc32(run_id.encode()) % n == i
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes I/N, e.g. 0/2, not {text!r}") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--shard {text}: I must be in 0 .. N-1")
+    return i, n
+
+
 def _failures(results: Path) -> set[str]:
     path = results / "failures.jsonl"
     if not path.is_file():
@@ -352,6 +371,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-seeds", type=int, default=None,
                         help="run only seeds 0 .. N-1 of each part now (the rest stays planned for a rerun)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see run_grid)")
+    parser.add_argument("--shard", type=parse_shard, default=(0, 1),
+                        help="I/N: run only this worker's share of the grid (start N workers, one per core)")
     parser.add_argument("--retry-failed", action="store_true", help="forget recorded failures and try them again")
     args = parser.parse_args(argv)
     mode = MODES[args.mode]
@@ -359,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.retry_failed:
         (mode.results / "failures.jsonl").unlink(missing_ok=True)
     if not args.report_only:
-        run_grid(mode, command, args.max_minutes, set(args.parts.split(",")), args.threads, args.max_seeds)
+        run_grid(mode, command, args.max_minutes, set(args.parts.split(",")), args.threads, args.max_seeds, args.shard)
     from benchmarks.quality.report import write_report
 
     path = write_report(mode, stamp(command))
