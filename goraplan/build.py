@@ -26,7 +26,9 @@ from goraplan.plan import (
     tensor_sha256,
     utc_now,
 )
+from goraplan.errors import GoraError
 from goraplan.settings import PlanSettings
+from goraplan.step_size import search_step_size, take
 from goraplan.targets import find_target_modules, weight_digest, weight_fingerprint
 
 
@@ -70,10 +72,11 @@ def build_plan(
     device = next(model.parameters()).device
     timings: dict[str, float] = {}
 
+    batch_iter = iter(batches)
     t0 = time.perf_counter()
     result = accumulate_gradients(
         model,
-        batches,
+        batch_iter,
         modules,
         settings.steps,
         offload=settings.offload_gradients,
@@ -93,13 +96,30 @@ def build_plan(
     timings["allocation_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    tensors: dict[str, torch.Tensor] = {}
-    for name in modules:
-        a, b = gora_init(
-            result.grads[name], ranks[name], settings.alpha, settings.step_size, module_generator(settings.seed, name)
-        )
-        tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = a, b
+    unit = {  # B at gamma 1: B is linear in gamma, so every step size is this B scaled
+        name: gora_init(result.grads[name], ranks[name], settings.alpha, 1.0, module_generator(settings.seed, name))
+        for name in modules
+    }
     timings["init_s"] = time.perf_counter() - t0
+
+    search = None
+    gamma = settings.step_size
+    if gamma == "auto":
+        t0 = time.perf_counter()
+        held_out = take(batch_iter, settings.held_out_steps)
+        if len(held_out) < settings.held_out_steps:
+            raise GoraError(
+                f"--step-size auto needs {settings.held_out_steps} held-out batches after the {settings.steps} "
+                f"gradient batches, but the data gave only {len(held_out)}; give more data, lower --steps "
+                "or --held-out-steps, or set a number for --step-size"
+            )
+        scaled = {name: (a, b, lora_scaling(settings.alpha, ranks[name])) for name, (a, b) in unit.items()}
+        search = search_step_size(model, modules, scaled, held_out)
+        gamma = search.chosen
+        timings["step_size_search_s"] = time.perf_counter() - t0
+    tensors: dict[str, torch.Tensor] = {}
+    for name, (a, b) in unit.items():
+        tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"] = a, (b * gamma).contiguous()
 
     digests = {name: weight_digest(m) for name, m in modules.items()}
     budget = lora_budget(costs, settings.rank)
@@ -140,6 +160,7 @@ def build_plan(
             )
             for name, m in modules.items()
         ],
+        step_size_search=search,
         totals=Totals(budget=budget, allocated=allocated, lora_equivalent=budget, ratio=allocated / budget),
         checksums={k: tensor_sha256(v) for k, v in tensors.items()},
     )

@@ -26,6 +26,26 @@ from goraplan.plan import check_output_path, load_plan, manifest_json_schema
 from goraplan.settings import make_settings
 from goraplan.targets import find_target_modules, parse_target_modules
 
+
+class StepSizeType(click.ParamType):
+    """A positive number, or ``auto``."""
+
+    name = "FLOAT|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float) or value == "auto":
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither a number nor 'auto'", param, ctx)
+        if not number > 0:
+            self.fail(f"{value!r} must be above 0 (or 'auto')", param, ctx)
+        return number
+
+
+STEP_SIZE = StepSizeType()
+
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_DATA = {"causal-lm": "sarcasm-lm", "seq-cls": "sarcasm"}
 
@@ -50,7 +70,10 @@ def cli() -> None:
 @click.option("--min-rank", default=None, type=int, help="Smallest rank (default r0 // 2).")
 @click.option("--max-rank", default=None, type=int, help="Largest rank (default 4 * r0).")
 @click.option("--alpha", default=16.0, show_default=True, type=float, help="LoRA alpha (rsLoRA scaling alpha/sqrt(r)).")
-@click.option("--step-size", default=0.05, show_default=True, type=float, help="gamma: initial adapter ~ -gamma * G.")
+@click.option("--step-size", default="0.05", show_default=True, type=STEP_SIZE,
+              help="gamma: initial adapter ~ -gamma * G; 'auto' picks it by the loss on held-out batches.")
+@click.option("--held-out-steps", default=4, show_default=True, type=int,
+              help="K: batches after the N gradient batches that --step-size auto scores on.")
 @click.option("--steps", default=64, show_default=True, type=int, help="N: gradient steps to accumulate.")
 @click.option("--batch-size", default=4, show_default=True, type=int)
 @click.option("--max-length", default=256, show_default=True, type=int)
@@ -63,7 +86,7 @@ def cli() -> None:
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations (long sequences).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code from the Hub.")
 @click.option("-o", "--output", default="plan.gora", show_default=True, type=click.Path(dir_okay=False))
-def build(model_name, data, split, task, target_modules, rank, min_rank, max_rank, alpha, step_size, steps,
+def build(model_name, data, split, task, target_modules, rank, min_rank, max_rank, alpha, step_size, held_out_steps, steps,
           batch_size, max_length, importance, allocation, seed, dtype, offload_gradients, gradient_checkpointing,
           trust_remote_code, output):
     """Accumulate gradients, allocate ranks and write the initial adapter as a .gora plan."""
@@ -71,7 +94,7 @@ def build(model_name, data, split, task, target_modules, rank, min_rank, max_ran
 
     settings = make_settings(
         task=task, target_modules=parse_target_modules(target_modules), rank=rank, min_rank=min_rank,
-        max_rank=max_rank, alpha=alpha, step_size=step_size, steps=steps, batch_size=batch_size,
+        max_rank=max_rank, alpha=alpha, step_size=step_size, held_out_steps=held_out_steps, steps=steps, batch_size=batch_size,
         max_length=max_length, importance=importance, allocation=allocation, seed=seed,
         offload_gradients=offload_gradients, gradient_checkpointing=gradient_checkpointing,
     )
@@ -94,8 +117,9 @@ def build(model_name, data, split, task, target_modules, rank, min_rank, max_ran
                                   label_names=labels, trust_remote_code=trust_remote_code, seed=seed)
     find_target_modules(model, settings.resolved().target_modules)  # fails fast, before any gradient step
     ds, info = data_mod.prepare(data, tokenizer, task, split=split, max_length=max_length, seed=seed,
-                                limit=steps * batch_size, label_names=labels)
-    batches = data_mod.make_batches(ds, data_mod.PaddingCollator(tokenizer, task), batch_size, steps, source=data)
+                                limit=settings.batches_needed * batch_size, label_names=labels)
+    batches = data_mod.make_batches(ds, data_mod.PaddingCollator(tokenizer, task), batch_size,
+                                    settings.batches_needed, source=data)
 
     from tqdm.auto import tqdm
 

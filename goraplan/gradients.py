@@ -12,6 +12,7 @@ checkpointing restored.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -115,9 +116,7 @@ def accumulate_gradients(
     with _only_targets_trainable(model, modules, gradient_checkpointing):
         try:
             handles = [m.weight.register_post_accumulate_grad_hook(move_to_accumulator) for m in modules.values()]
-            for step, batch in enumerate(batches):
-                if step >= steps:
-                    break
+            for step, batch in enumerate(itertools.islice(batches, steps)):  # no extra batch consumed
                 ids = batch.get("input_ids")
                 if ids is not None:
                     token_hash.update(ids.detach().cpu().contiguous().numpy().tobytes())

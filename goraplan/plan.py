@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from goraplan.errors import GoraError, PlanFormatError
 from goraplan.settings import PlanSettings, Task, validation_summary
+from goraplan.step_size import StepSizeSearch
 
 FORMAT = "gora-plan"
 SCHEMA_VERSION = 1
@@ -91,9 +92,18 @@ class Manifest(_Strict):
     target_modules: list[str] | Literal["all-linear"]
     settings: PlanSettings
     calibration: CalibrationInfo
+    step_size_search: StepSizeSearch | None = Field(
+        None, description="What --step-size auto measured and chose; absent for a fixed step size."
+    )
     modules: list[ModulePlan]
     totals: Totals
     checksums: dict[str, str] = Field(description="sha256 of each tensor's float32 bytes.")
+
+
+    @property
+    def step_size(self) -> float:
+        """The gamma the initial adapter was built with (the chosen one under --step-size auto)."""
+        return self.step_size_search.chosen if self.step_size_search else self.settings.step_size
 
 
 def manifest_json_schema() -> dict:

@@ -22,17 +22,24 @@ def summary_lines(plan: Plan) -> list[str]:
     ranks = [m.rank for m in man.modules]
     s = man.settings
     t = man.totals
-    return [
+    lines = [
         f"plan       {plan.sha256 or '(unsaved)'}",
         f"model      {man.base_model.name_or_path} ({man.base_model.architecture}, {man.base_model.dtype}), task {man.task}",
         f"data       {man.calibration.source} [{man.calibration.split}]: {man.calibration.steps} steps, "
         f"{man.calibration.examples} examples, {man.calibration.tokens} tokens, base loss {man.calibration.mean_loss:.4f}",
-        f"settings   r0={s.rank} ranks {s.min_rank}..{s.max_rank} alpha={s.alpha:g} gamma={s.step_size:g} "
+        f"settings   r0={s.rank} ranks {s.min_rank}..{s.max_rank} alpha={s.alpha:g} gamma={man.step_size:g}"
+        f"{' (auto)' if man.step_size_search else ''} "
         f"importance={s.importance} allocation={s.allocation} seed={s.seed}",
         f"modules    {len(ranks)}, ranks {min(ranks)}..{max(ranks)} (mean {statistics.mean(ranks):.2f})",
         f"params     {t.allocated:,} allocated of a {t.budget:,} budget (plain LoRA r={s.rank}: "
         f"{t.lora_equivalent:,}; ratio {t.ratio:.4f})",
     ]
+    if man.step_size_search:
+        ss = man.step_size_search
+        tried = ", ".join(f"{g}: {'inf' if v is None else f'{v:.4f}'}" for g, v in ss.losses.items())
+        lines.append(f"step size  chose {ss.chosen:g} on {ss.held_out_batches} held-out batches "
+                     f"(base loss {ss.base_loss:.4f}; {tried})")
+    return lines
 
 
 def type_table_lines(plan: Plan) -> list[str]:

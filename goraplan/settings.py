@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from goraplan.allocate import AllocationMode
 from goraplan.errors import GoraError
 from goraplan.importance import ImportanceMetric
+from goraplan.step_size import STEP_SIZE_CANDIDATES
 
 Task = Literal["causal-lm", "seq-cls"]
 DEFAULT_TARGETS: dict[str, list[str] | str] = {
@@ -36,7 +37,12 @@ class PlanSettings(BaseModel):
     min_rank: int | None = Field(None, ge=1, description="Smallest rank a module gets; default max(1, r0 // 2).")
     max_rank: int | None = Field(None, ge=1, description="Largest rank a module gets; default 4 * r0.")
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; scaling is rsLoRA's alpha / sqrt(r_i).")
-    step_size: float = Field(0.05, gt=0, description="gamma: the initial adapter is about -gamma * G.")
+    step_size: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        0.05,
+        description="gamma: the initial adapter is about -gamma * G; 'auto' picks it from "
+        f"{list(STEP_SIZE_CANDIDATES)} by the loss on held_out_steps batches after the N gradient batches.",
+    )
+    held_out_steps: int = Field(4, ge=1, description="K: held-out batches for step_size 'auto' (unused otherwise).")
     steps: int = Field(64, ge=1, description="N: gradient steps (batches) to accumulate.")
     batch_size: int = Field(4, ge=1, description="Examples per gradient step.")
     max_length: int = Field(256, ge=8, description="Tokens per example at most.")
@@ -55,6 +61,11 @@ class PlanSettings(BaseModel):
         if not r[0] <= self.rank <= r[1]:
             raise ValueError(f"rank {self.rank} must lie between min rank {r[0]} and max rank {r[1]}")
         return self
+
+    @property
+    def batches_needed(self) -> int:
+        """Batches of data a build reads: N gradient steps, plus K held-out ones for step_size 'auto'."""
+        return self.steps + (self.held_out_steps if self.step_size == "auto" else 0)
 
     def resolved_rank_bounds(self) -> tuple[int, int]:
         r_min = self.min_rank if self.min_rank is not None else max(1, self.rank // 2)

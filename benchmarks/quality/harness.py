@@ -34,6 +34,7 @@ MAX_GRAD_NORM = 1.0  # transformers.Trainer's default, for every method
 WEIGHT_DECAY = 0.0  # for every method (peft's LoRA+ optimizer defaults to 0 as well)
 LORA_RANK = 8  # r0: plain LoRA's rank, the parameter budget every adapter method gets
 LORA_ALPHA = 16.0  # the same alpha for every adapter method
+HELD_OUT_STEPS = 4  # K: batches after GoRA's N calibration batches that --step-size auto scores gamma on
 
 
 # ---------------------------------------------------------------------------------------------------- specs
@@ -53,7 +54,7 @@ class RunSpec:
     min_rank: int = 4
     max_rank: int = 32
     ratio: float = 16.0  # lr of every lora_B / lr of every lora_A
-    gamma: float = 0.05  # GoRA's step size; 0 = GoRA's ranks with a zero B (no gradient init)
+    gamma: float | str = 0.05  # GoRA's step size; 0 = GoRA's ranks with a zero B; "auto" = goraplan's search
     importance: str = "sensitivity"
     n_calib: int = 64  # N: calibration batches (GoRA, LoRA-GA)
     alpha: float = LORA_ALPHA
@@ -70,7 +71,7 @@ class RunSpec:
             parts.append(f"r{self.min_rank}-{self.max_rank}")
         parts.append(f"x{self.ratio:g}")
         if self.gamma != base.gamma:
-            parts.append(f"g{self.gamma:g}")
+            parts.append(f"g{self.gamma}" if isinstance(self.gamma, str) else f"g{self.gamma:g}")
         if self.importance != base.importance:
             parts.append(self.importance)
         if self.n_calib != base.n_calib:
@@ -239,15 +240,17 @@ def gora_plan(model, wl: Workload, spec: RunSpec, calib: list[dict]):
 
     r_min, r_max = (LORA_RANK, LORA_RANK) if spec.method == "gora-fixed" else (spec.min_rank, spec.max_rank)
     settings = PlanSettings(
-        task=wl.task, target_modules=list(wl.targets), rank=LORA_RANK, min_rank=r_min, max_rank=r_max, alpha=spec.alpha, step_size=spec.gamma if spec.gamma > 0 else 0.05,
+        task=wl.task, target_modules=list(wl.targets), rank=LORA_RANK, min_rank=r_min, max_rank=r_max, alpha=spec.alpha, step_size=spec.gamma if spec.gamma == "auto" or spec.gamma > 0 else 0.05, held_out_steps=HELD_OUT_STEPS,
         steps=spec.n_calib, batch_size=wl.calib_batch_size, importance=spec.importance, seed=spec.seed,
     )
-    key = hashlib.sha256(f"{wl.name}|{wl.description}|{settings.model_dump_json()}".encode()).hexdigest()[:16]
+    # held_out_steps only matters to step_size "auto"; leaving it out otherwise keeps older cache keys valid
+    dump = settings.model_dump_json(exclude=None if spec.gamma == "auto" else {"held_out_steps"})
+    key = hashlib.sha256(f"{wl.name}|{wl.description}|{dump}".encode()).hexdigest()[:16]
     path = PLAN_CACHE / f"{wl.name}-{key}.gora" if PLAN_CACHE else None
     if path is not None and path.is_file():
         return load_plan(path), 0.0, True
     t0 = time.perf_counter()
-    plan = build_plan(model, calib[: spec.n_calib], settings, model_name=wl.name)
+    plan = build_plan(model, calib[: settings.batches_needed], settings, model_name=wl.name)
     seconds = time.perf_counter() - t0
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -297,7 +300,9 @@ def setup_gora(model, wl, spec, calib) -> Setup:
         "apply_plan": impl, "plan_s": plan_s, "plan_cached": cached, "ranks": ranks, "rank_min": min(ranks.values()),
         "rank_max": max(ranks.values()), "budget": plan.manifest.totals.budget,
         "allocated": plan.manifest.totals.allocated, "calib_batches": spec.n_calib,
-        "calib_loss": plan.manifest.calibration.mean_loss,
+        "calib_loss": plan.manifest.calibration.mean_loss, "step_size": plan.manifest.step_size,
+        "step_size_search": (plan.manifest.step_size_search.model_dump()
+                             if plan.manifest.step_size_search else None),
     })
 
 
@@ -374,7 +379,8 @@ def train_and_evaluate(wl: Workload, spec: RunSpec, *, log_every: int = 1) -> di
 
     # ---- data: the seed's order, the same for every method
     batches = epoch_batches(wl, spec.seed)
-    calib = calibration_batches(wl, spec.seed, spec.n_calib) if spec.method in NEEDS_CALIBRATION else []
+    n_calib = spec.n_calib + (HELD_OUT_STEPS if spec.gamma == "auto" and spec.method.startswith("gora") else 0)
+    calib = calibration_batches(wl, spec.seed, n_calib) if spec.method in NEEDS_CALIBRATION else []
 
     # ---- model and method
     model, _ = wl.load_model(spec.seed)

@@ -39,6 +39,10 @@ METHOD_NAMES = {
     "gora-x1": "GoRA 4-32, B/A x1",
     "gora-x16-n24": "GoRA 4-32, B/A x16 (paper), N=24",
     "gora-x1-n24": "GoRA 4-32, B/A x1, N=24",
+    "gora-x16-gauto": "GoRA 4-32, B/A x16, gamma auto",
+    "gora-x1-gauto": "GoRA 4-32, B/A x1, gamma auto",
+    "gora-x16-gauto-n20": "GoRA 4-32, B/A x16, gamma auto, N=20+4",
+    "gora-x1-gauto-n20": "GoRA 4-32, B/A x1, gamma auto, N=20+4",
 }
 BASELINES = ("lora", "rslora", "loraplus", "pissa", "loraga", "adalora")  # "the best other method" among these
 

@@ -62,6 +62,9 @@ NLU_METHODS: list[RunSpec] = [
     RunSpec("nlu", "gora-fixed", 0, 0, ratio=1.0),
     RunSpec("nlu", "gora", 0, 0, ratio=16.0),
     RunSpec("nlu", "gora", 0, 0, ratio=1.0),
+    # the robustness fix (goraplan --step-size auto), on the same grid
+    RunSpec("nlu", "gora", 0, 0, ratio=16.0, gamma="auto"),
+    RunSpec("nlu", "gora", 0, 0, ratio=1.0, gamma="auto"),
 ]
 NLG_METHODS: list[RunSpec] = [
     RunSpec("nlg", "full", 0, 0, group="nlg"),
@@ -70,6 +73,9 @@ NLG_METHODS: list[RunSpec] = [
     # N = 24 batches of 8: the whole 192-example training set once (N = 64 would need 512 examples)
     RunSpec("nlg", "gora", 0, 0, ratio=16.0, n_calib=24, group="nlg"),
     RunSpec("nlg", "gora", 0, 0, ratio=1.0, n_calib=24, group="nlg"),
+    # --step-size auto scores gamma on K = 4 batches after the N gradient ones: N = 20 + 4 = the 24 batches
+    RunSpec("nlg", "gora", 0, 0, ratio=16.0, n_calib=20, gamma="auto", group="nlg"),
+    RunSpec("nlg", "gora", 0, 0, ratio=1.0, n_calib=20, gamma="auto", group="nlg"),
 ]
 # GoRA's knobs, each varied alone around the ablation base (paper Tables 3-5 and GORA.md's questions).
 ABLATIONS: dict[str, list[dict]] = {

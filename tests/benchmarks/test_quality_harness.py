@@ -85,3 +85,15 @@ def test_step_size_probe_scales_the_initial_adapter(tiny):
     # a small step along -G lowers the loss on the batches G came from (GORA.md: a descent step)
     assert losses[1] < losses[0]
     assert record["best_gamma_held_out"] in GAMMAS
+
+
+def test_gora_step_size_auto_scores_on_batches_after_the_calibration_ones(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "PLAN_CACHE", tmp_path / "plans")
+    small = replace(tiny, calib_batch_size=4)  # N + K = 2 + 4 batches of 4 out of 32 examples
+    record = train_and_evaluate(small, RunSpec("tiny", "gora", 1e-3, 0, n_calib=2, gamma="auto"))
+    info = record["method_info"]
+    assert record["label"] == "gora-x16-gauto-n2"
+    search = info["step_size_search"]
+    assert search["held_out_batches"] == harness.HELD_OUT_STEPS
+    assert info["step_size"] == search["chosen"] and f"{search['chosen']:g}" in search["losses"]
+    assert info["calib_batches"] == 2

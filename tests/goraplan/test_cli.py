@@ -48,6 +48,10 @@ def test_build_inspect_validate_diff_schema(plan_file, build_args, tiny_model_di
     assert code == 0, err
     code, out, _ = run(["diff", plan_file, tmp_path / "q.gora"], capsys)
     assert code == 0 and "setting rank: 4 vs 2" in out and "Spearman" in out
+    code, _, err = run([*build_args, "--step-size", "auto", "--held-out-steps", 2, "-o", tmp_path / "a.gora"], capsys)
+    assert code == 0, err
+    code, out, _ = run(["inspect", tmp_path / "a.gora"], capsys)
+    assert code == 0 and "(auto)" in out and "held-out batches" in out
     code, out, _ = run(["schema"], capsys)
     assert json.loads(out)["title"] == "Manifest"
 
@@ -59,6 +63,8 @@ BAD_BUILDS = [
     (["--min-rank", 9, "--max-rank", 3], "min rank 9 is larger than max rank 3"),
     (["--rank", 0], "rank: Input should be greater than or equal to 1"),
     (["--steps", 500], r"only \d+ usable examples"),
+    (["--step-size", "big"], "'big' is neither a number nor 'auto'"),
+    (["--step-size", "auto", "--steps", 30, "--held-out-steps", 4], r"only \d+ usable examples"),
     (["-o", "missing-folder/p.gora"], "output folder missing-folder does not exist"),
 ]
 
