@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from goraplan.allocate import allocate_ranks, lora_budget
+from goraplan.errors import GoraError
 from goraplan.gradients import accumulate_gradients
 from goraplan.importance import importance, normalise
 from goraplan.init import gora_init, lora_scaling
@@ -26,7 +27,6 @@ from goraplan.plan import (
     tensor_sha256,
     utc_now,
 )
-from goraplan.errors import GoraError
 from goraplan.settings import PlanSettings
 from goraplan.step_size import search_step_size, take
 from goraplan.targets import find_target_modules, weight_digest, weight_fingerprint
