@@ -14,6 +14,8 @@ Bad input exits with code 2 and one sentence; set GORA_DEBUG=1 for the full trac
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from goraplan.cli_support import run_cli
@@ -113,11 +115,14 @@ _RUN_OPTIONS = _options(
 def run_cmd(plan_path: str, config_file: str | None, **given) -> None:
     """Train the adapter PLAN describes (HF Trainer, LoRA+ learning rates) into a run folder."""
     # Imported here so `gorafit --help` stays fast.
-    from gorafit.settings import load_config_file, make_train_settings
+    from gorafit.settings import learning_rate_warning, load_config_file, make_train_settings
     from gorafit.train import train
 
     file_values = load_config_file(config_file) if config_file else {}
     settings = make_train_settings(file_values, **given)
+    warning = learning_rate_warning(settings)
+    if warning and _is_main_process():
+        click.echo(warning, err=True)
     result = train(plan_path, settings)
     _end_process_group()
     if result.is_main_process:
@@ -132,6 +137,10 @@ def run_cmd(plan_path: str, config_file: str | None, **given) -> None:
             parts.append(f"eval accuracy {m['eval_accuracy']:.2%}")
         click.echo(f"trained: {', '.join(parts)}")
         click.echo(f"adapter: {result.adapter_dir}")
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _end_process_group() -> None:

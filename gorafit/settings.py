@@ -179,6 +179,33 @@ def make_train_settings(file_values: dict[str, Any] | None = None, **overrides: 
         raise GoraError("invalid training settings: " + validation_summary(exc)) from None
 
 
+# The largest learning rates at which GoRA trained without collapsing in benchmarks/results/quality
+# (MiniLM-L6 and SmolLM2-135M, one epoch, 3 seeds): lora_B's lr (lr x lr_ratio) up to 4.8e-3
+# (lr 3e-4 at x16; every x16 run at lr >= 1e-3, B at >= 1.6e-2, collapsed), and lr up to 1e-3 at x1
+# (at lr 3e-3 some seeds collapsed).
+MEASURED_STABLE_B_LR = 5e-3
+MEASURED_STABLE_LR = 1e-3
+
+
+def learning_rate_warning(settings: TrainSettings) -> str | None:
+    """A warning when the learning rates lie beyond what GoRA was measured to train stably at.
+
+    >>> learning_rate_warning(TrainSettings()) is None   # lr 1e-4, ratio 16: B at 1.6e-3
+    True
+    >>> learning_rate_warning(TrainSettings(learning_rate=1e-3)).split(";")[0]
+    'warning: every lora_B trains at 0.016 (lr 0.001 x lr-ratio 16)'
+    """
+    b_lr = settings.learning_rate * settings.lr_ratio
+    if b_lr <= MEASURED_STABLE_B_LR and settings.learning_rate <= MEASURED_STABLE_LR:
+        return None
+    return (
+        f"warning: every lora_B trains at {b_lr:g} (lr {settings.learning_rate:g} x lr-ratio {settings.lr_ratio:g}); "
+        f"in goraplan's quality benchmark GoRA collapsed to one answer in many runs above lora_B lr "
+        f"{MEASURED_STABLE_B_LR:g} or lr {MEASURED_STABLE_LR:g} (benchmarks/results/quality/REPORT.md): watch the "
+        "eval loss, or lower --lr or --lr-ratio"
+    )
+
+
 def settings_json(settings: TrainSettings) -> dict[str, Any]:
     """The settings as plain JSON values (for ``run.json``)."""
     return json.loads(settings.model_dump_json())

@@ -44,6 +44,7 @@ def test_run_with_config_file_and_flags_on_top(inputs, tmp_path, capsys, cli_env
     out = tmp_path / "run"
     code, stdout, err = run(["run", inputs["plan"], "--config", config, "--max-steps", 3, "-o", out, *FAST], capsys)
     assert code == 0, err
+    assert "warning: every lora_B trains at 0.008 (lr 0.002 x lr-ratio 4)" in err  # beyond the measured-stable lrs
     assert "trained: 3 steps" in stdout and f"adapter: {out / 'adapter'}" in stdout
     record = json.loads((out / "run.json").read_text())
     assert record["global_step"] == 3  # the flag beat the file
@@ -55,6 +56,7 @@ def test_run_with_config_file_and_flags_on_top(inputs, tmp_path, capsys, cli_env
     assert_one_sentence(code, err, "holds another run", "--resume", "--overwrite")
     code, _, err = run(["run", inputs["plan"], "--max-steps", 1, "-o", out, "--overwrite", *FAST], capsys)
     assert code == 0, err
+    assert "warning" not in err  # the defaults (lr 1e-4, ratio 16) lie inside them
     assert json.loads((out / "run.json").read_text())["global_step"] == 1
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]  # the old run's are gone
 
@@ -129,3 +131,14 @@ def test_help_lists_the_training_arguments_names(capsys):
         assert option in out
     code, out, _ = run(["--help"], capsys)
     assert code == 0 and "run" in out
+
+
+@pytest.mark.parametrize("lr,ratio,warns", [(1e-4, 16, False), (3e-4, 16, False), (1e-3, 16, True),
+                                            (1e-3, 1, False), (3e-3, 1, True), (2e-3, 4, True)])
+def test_learning_rate_warning_follows_the_measured_stable_range(lr, ratio, warns):
+    from gorafit.settings import TrainSettings, learning_rate_warning
+
+    warning = learning_rate_warning(TrainSettings(learning_rate=lr, lr_ratio=ratio))
+    assert (warning is not None) == warns
+    if warns:
+        assert "lower --lr or --lr-ratio" in warning and "REPORT.md" in warning
