@@ -7,6 +7,7 @@ Each measurement runs in its own process; the methods alternate and each one's b
 repeat is compared, because this machine is shared.
 
     python benchmarks/bench_plan.py [--steps 16] [--repeats 2]
+    python benchmarks/bench_plan.py --step-size auto   # -> results/plan-auto.*: + the held-out gamma search
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def measure(method: str, steps: int, batch_size: int, length: int) -> dict:
+HELD_OUT_STEPS = 4  # goraplan's default K for --step-size auto
+
+
+def measure(method: str, steps: int, batch_size: int, length: int, step_size: str = "0.05") -> dict:
     import torch
     from common import packed_batches, peak_rss_mb
 
@@ -31,13 +35,16 @@ def measure(method: str, steps: int, batch_size: int, length: int) -> dict:
     from goraplan.targets import find_target_modules
 
     model, tok = load_model("smollm2-135m")
-    batches = packed_batches(tok, "sarcasm-lm", steps, batch_size, length)
+    auto = method == "gora" and step_size == "auto"
+    batches = packed_batches(tok, "sarcasm-lm", steps + (HELD_OUT_STEPS if auto else 0), batch_size, length)
     target_bytes = sum(m.weight.numel() * 4 for m in find_target_modules(model, TARGETS).values())
     rss_before = peak_rss_mb()
     t0 = time.perf_counter()
     split = {}
     if method == "gora":
-        plan = build_plan(model, batches, PlanSettings(steps=steps, batch_size=batch_size, target_modules=TARGETS))
+        settings = PlanSettings(steps=steps, batch_size=batch_size, target_modules=TARGETS, held_out_steps=HELD_OUT_STEPS,
+                                step_size="auto" if auto else float(step_size))
+        plan = build_plan(model, batches, settings)
         split = {k: v for k, v in plan.stats.items() if k.endswith("_s")}
     else:
         from peft import LoraConfig, get_peft_model
@@ -60,11 +67,13 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--length", type=int, default=256)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--step-size", default="0.05", help="GoRA's gamma, or auto (results go to plan-auto.*)")
     p.add_argument("--one", choices=["gora", "lora"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args.steps, args.batch_size, args.length)))
+        print(json.dumps(measure(args.one, args.steps, args.batch_size, args.length, args.step_size)))
         return
+    name = "plan-auto" if args.step_size == "auto" else "plan"
 
     from common import RESULTS, run_json, stamp
 
@@ -72,7 +81,7 @@ def main() -> None:
     for r in range(args.repeats):
         for method in ("lora", "gora") if r % 2 == 0 else ("gora", "lora"):
             res = run_json([__file__, "--one", method, "--steps", str(args.steps), "--batch-size",
-                            str(args.batch_size), "--length", str(args.length)])
+                            str(args.batch_size), "--length", str(args.length), "--step-size", args.step_size])
             print(f"repeat {r} {method}: {res['seconds']:.1f} s, peak {res['peak_rss_mb']:.0f} MiB", flush=True)
             runs.append(res)
     best = {m: min((x for x in runs if x["method"] == m), key=lambda x: x["seconds"]) for m in ("gora", "lora")}
@@ -91,10 +100,11 @@ def main() -> None:
     }
     out = {**stamp(sys.argv), "settings": vars(args), "summary": summary, "runs": runs}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "plan.json").write_text(json.dumps(out, indent=2))
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2))
     split = summary["gora_split_s"]
     md = [
-        "# Planning cost: build_plan vs plain LoRA training (SmolLM2-135M, q/k/v/o)",
+        "# Planning cost: build_plan vs plain LoRA training (SmolLM2-135M, q/k/v/o)"
+        + (f", --step-size auto (K = {HELD_OUT_STEPS} held-out batches)" if args.step_size == "auto" else ""),
         "",
         f"{out['date']} · `{out['command']}` · {out['machine']} · torch {out['versions']['torch']}, "
         f"transformers {out['versions']['transformers']}, peft {out['versions']['peft']}",
@@ -109,7 +119,7 @@ def main() -> None:
         "",
         "GoRA time split (s): " + ", ".join(f"{k.removesuffix('_s')} {v:.3f}" for k, v in split.items()),
     ]
-    (RESULTS / "plan.md").write_text("\n".join(md) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 
