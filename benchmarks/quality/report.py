@@ -37,6 +37,7 @@ METHOD_NAMES = {
     "gora-fixed-x1": "GoRA fixed ranks 8, B/A x1",
     "gora-x16": "GoRA 4-32, B/A x16 (paper)",
     "gora-x1": "GoRA 4-32, B/A x1",
+    "gora-x4": "GoRA 4-32, B/A x4",
     "gora-x16-n24": "GoRA 4-32, B/A x16 (paper), N=24",
     "gora-x1-n24": "GoRA 4-32, B/A x1, N=24",
     "gora-x16-gauto": "GoRA 4-32, B/A x16, gamma auto",
@@ -389,8 +390,10 @@ def step_size_section(records: list[dict]) -> str:
 
 def write_report(mode, stamp: dict) -> Path:
     """Rebuild REPORT.md and the charts of `mode` (a run.Mode) from its run files."""
+    from benchmarks.quality.harness import RunSpec
     from benchmarks.quality.run import (
         NLU_BASE_FALLBACK,
+        _is_main,
         ablation_specs,
         fixed_ablation_base,
         planned,
@@ -414,7 +417,9 @@ def write_report(mode, stamp: dict) -> Path:
         by_part[part][1] += 1
         by_part[part][0] += spec.run_id in have
     done_total = sum(v[0] for v in by_part.values())
-    nlu_main = [r for r in records if r["spec"]["workload"] == "nlu" and r["spec"]["group"] == "main"]
+    # an ablation run whose spec equals a part-1 method's (same knobs, lr and seed) is that method's run too
+    nlu_main = [r for r in records if r["spec"]["workload"] == "nlu"
+                and (r["spec"]["group"] == "main" or _is_main(mode, RunSpec(**{**r["spec"], "group": "main"})))]
     nlg = [r for r in records if r["spec"]["workload"] == "nlg"]
     v = stamp["versions"]
     out = [f"# GoRA against LoRA and its variants at the same budget ({mode.name} mode)", ""]
