@@ -40,6 +40,29 @@ def _options(*specs):
 
 _FLOAT_STEPS = click.FloatRange(min=0, min_open=True)
 
+
+class _OptionalLearningRate(click.ParamType):
+    """A positive number, or ``none``."""
+
+    name = "FLOAT|none"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, float) or value == _NO_CAP:
+            return value
+        if str(value).lower() == "none":
+            return _NO_CAP
+        try:
+            number = float(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a number nor 'none'", param, ctx)
+        if not number > 0:
+            self.fail(f"{value!r} must be above 0 (or 'none')", param, ctx)
+        return number
+
+
+_NO_CAP = "none"
+_OPTIONAL_LR = _OptionalLearningRate()
+
 _RUN_OPTIONS = _options(
     # base model
     click.option("--model", help="Base model (Hub id, folder or built-in alias); default: the plan's."),
@@ -71,6 +94,8 @@ _RUN_OPTIONS = _options(
                  help="Peak learning rate of lora_A and the head [1e-4]."),
     click.option("--lr-ratio", type=click.FloatRange(min=0, min_open=True),
                  help="LoRA+: every lora_B trains at this times the learning rate [16, the paper's]."),
+    click.option("--lr-b-max", type=_OPTIONAL_LR,
+                 help="Cap on lora_B's learning rate (not below --lr), or 'none' [5e-3, measured: GoRA collapsed above]."),
     click.option("--num-train-epochs", "--epochs", "num_train_epochs", type=click.FloatRange(min=0, min_open=True),
                  help="Epochs over the data [1]."),
     click.option("--max-steps", type=int, help="Optimizer steps in all; overrides --epochs when > 0."),
@@ -119,6 +144,9 @@ def run_cmd(plan_path: str, config_file: str | None, **given) -> None:
     from gorafit.train import train
 
     file_values = load_config_file(config_file) if config_file else {}
+    if given.get("lr_b_max") == _NO_CAP:  # "none" given: no cap (None itself means "not given")
+        file_values = {**file_values, "lr_b_max": None}
+        given["lr_b_max"] = None
     settings = make_train_settings(file_values, **given)
     warning = learning_rate_warning(settings)
     if warning and _is_main_process():

@@ -19,6 +19,11 @@ from goraplan.settings import validation_summary
 
 __all__ = ["SETTING_ALIASES", "TrainSettings", "load_config_file", "make_train_settings"]
 
+# In benchmarks/results/quality (MiniLM-L6 and SmolLM2-135M, one epoch, 3 seeds) GoRA collapsed in every
+# NLU run whose lora_B lr was 1.2e-2 or more (x4 at lr 3e-3, x16 at lr >= 1e-3) and in none at 4.8e-3 or
+# less with lr <= 1e-3 (x16 at 3e-4, x4 at 1e-3: GoRA's best cells); at lr 3e-3 some x1 seeds collapsed.
+LR_B_MAX_DEFAULT = 5e-3
+
 # Short names accepted in a config file as on the command line (--lr, --epochs, ...).
 SETTING_ALIASES = {
     "lr": "learning_rate",
@@ -63,6 +68,12 @@ class TrainSettings(BaseModel):
     # -- optimisation (paper: AdamW, cosine, 3% warmup, B at 16 x the lr of A)
     learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate of every lora_A and the head.")
     lr_ratio: float = Field(16.0, gt=0, description="LoRA+ ratio: every lora_B trains at lr_ratio x learning_rate.")
+    lr_b_max: float | None = Field(
+        LR_B_MAX_DEFAULT,
+        gt=0,
+        description="Cap on lora_B's learning rate: B trains at min(lr_ratio x lr, lr_b_max) but not below lr; "
+        "None: no cap. The default 5e-3 comes from benchmarks/results/quality (GoRA collapsed above it).",
+    )
     num_train_epochs: float = Field(1.0, gt=0, description="Epochs over the training data (unless max_steps > 0).")
     max_steps: int = Field(-1, description="Optimizer steps in all; overrides num_train_epochs when > 0.")
     per_device_train_batch_size: int = Field(8, ge=1, description="Examples per device per forward pass.")
@@ -179,12 +190,23 @@ def make_train_settings(file_values: dict[str, Any] | None = None, **overrides: 
         raise GoraError("invalid training settings: " + validation_summary(exc)) from None
 
 
-# The largest learning rates at which GoRA trained without collapsing in benchmarks/results/quality
-# (MiniLM-L6 and SmolLM2-135M, one epoch, 3 seeds): lora_B's lr (lr x lr_ratio) up to 4.8e-3
-# (lr 3e-4 at x16; every x16 run at lr >= 1e-3, B at >= 1.6e-2, collapsed), and lr up to 1e-3 at x1
-# (at lr 3e-3 some seeds collapsed).
-MEASURED_STABLE_B_LR = 5e-3
+MEASURED_STABLE_B_LR = LR_B_MAX_DEFAULT
 MEASURED_STABLE_LR = 1e-3
+
+
+def effective_lr_ratio(learning_rate: float, lr_ratio: float, lr_b_max: float | None) -> float:
+    """The B/A ratio after the cap on lora_B's learning rate: ``min(lr_ratio, max(1, lr_b_max / lr))``.
+
+    >>> effective_lr_ratio(1e-4, 16, 5e-3)   # below the cap: the ratio as given
+    16
+    >>> effective_lr_ratio(1e-3, 16, 5e-3)   # B capped at 5e-3
+    5.0
+    >>> effective_lr_ratio(1e-2, 16, 5e-3)   # never below lr
+    1.0
+    """
+    if lr_b_max is None:
+        return lr_ratio
+    return min(lr_ratio, max(1.0, lr_b_max / learning_rate))
 
 
 def learning_rate_warning(settings: TrainSettings) -> str | None:
@@ -192,17 +214,18 @@ def learning_rate_warning(settings: TrainSettings) -> str | None:
 
     >>> learning_rate_warning(TrainSettings()) is None   # lr 1e-4, ratio 16: B at 1.6e-3
     True
-    >>> learning_rate_warning(TrainSettings(learning_rate=1e-3)).split(";")[0]
+    >>> learning_rate_warning(TrainSettings(learning_rate=1e-3, lr_b_max=None)).split(";")[0]
     'warning: every lora_B trains at 0.016 (lr 0.001 x lr-ratio 16)'
     """
-    b_lr = settings.learning_rate * settings.lr_ratio
+    ratio = effective_lr_ratio(settings.learning_rate, settings.lr_ratio, settings.lr_b_max)
+    b_lr = settings.learning_rate * ratio
     if b_lr <= MEASURED_STABLE_B_LR and settings.learning_rate <= MEASURED_STABLE_LR:
         return None
     return (
-        f"warning: every lora_B trains at {b_lr:g} (lr {settings.learning_rate:g} x lr-ratio {settings.lr_ratio:g}); "
+        f"warning: every lora_B trains at {b_lr:g} (lr {settings.learning_rate:g} x lr-ratio {ratio:g}); "
         f"in goraplan's quality benchmark GoRA collapsed to one answer in many runs above lora_B lr "
         f"{MEASURED_STABLE_B_LR:g} or lr {MEASURED_STABLE_LR:g} (benchmarks/results/quality/REPORT.md): watch the "
-        "eval loss, or lower --lr or --lr-ratio"
+        "eval loss, or lower --lr (or --lr-ratio, --lr-b-max)"
     )
 
 

@@ -31,7 +31,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from gorafit.apply import apply_plan, head_name
-from gorafit.settings import TrainSettings, settings_json
+from gorafit.settings import TrainSettings, effective_lr_ratio, settings_json
 from goraplan.build import peak_memory_mb
 from goraplan.errors import GoraError
 from goraplan.plan import Plan, load_plan, utc_now
@@ -241,7 +241,7 @@ def train(
         data_collator=PaddingCollator(tokenizer, task),
         compute_metrics=classification_accuracy if task == "seq-cls" else None,
         callbacks=[JsonLinesLogCallback(out / LOG_FILE), *callbacks],
-        lr_ratio=settings.lr_ratio,
+        lr_ratio=effective_lr_ratio(settings.learning_rate, settings.lr_ratio, settings.lr_b_max),
     )
     check_launcher(trainer, settings)
     record = _run_record(plan, plan_path, settings, args, data_info, peft_model, resume_from)
@@ -760,6 +760,8 @@ def _run_record(plan: Plan, plan_path, settings, args: TrainingArguments, data_i
         "plan_sha256": plan.sha256,
         "labels": plan.manifest.labels,
         "settings": settings_json(settings),
+        "lora_B_learning_rate": settings.learning_rate
+        * effective_lr_ratio(settings.learning_rate, settings.lr_ratio, settings.lr_b_max),
         "training_arguments": json.loads(args.to_json_string()),
         "world_size": args.world_size,
         "total_train_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,

@@ -58,6 +58,7 @@ class RunSpec:
     importance: str = "sensitivity"
     n_calib: int = 64  # N: calibration batches (GoRA, LoRA-GA)
     alpha: float = LORA_ALPHA
+    b_lr_max: float | None = None  # gorafit's --lr-b-max: lora_B's lr capped (not below lr); None: no cap
     group: str = "main"  # main | ablation | nlg: which table the run belongs to
 
     @property
@@ -78,6 +79,8 @@ class RunSpec:
             parts.append(f"n{self.n_calib}")
         if self.alpha != base.alpha:
             parts.append(f"a{self.alpha:g}")
+        if self.b_lr_max is not None:
+            parts.append(f"bmax{self.b_lr_max:g}")
         return "-".join(parts)
 
     @property
@@ -294,7 +297,9 @@ def setup_gora(model, wl, spec, calib) -> Setup:
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.zero_()
-    groups = ratio_groups(model, spec.ratio)
+    from gorafit.settings import effective_lr_ratio  # the rule gorafit run applies
+
+    groups = ratio_groups(model, effective_lr_ratio(spec.lr, spec.ratio, spec.b_lr_max))
     ranks = plan.ranks
     return Setup(model, groups, info={
         "apply_plan": impl, "plan_s": plan_s, "plan_cached": cached, "ranks": ranks, "rank_min": min(ranks.values()),

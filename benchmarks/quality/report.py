@@ -40,6 +40,8 @@ METHOD_NAMES = {
     "gora-x4": "GoRA 4-32, B/A x4",
     "gora-x16-n24": "GoRA 4-32, B/A x16 (paper), N=24",
     "gora-x1-n24": "GoRA 4-32, B/A x1, N=24",
+    "gora-x16-bmax0.005": "GoRA 4-32, B/A x16, B lr <= 5e-3 (gorafit default)",
+    "gora-x16-n24-bmax0.005": "GoRA 4-32, B/A x16, B lr <= 5e-3 (gorafit default), N=24",
     "gora-x16-gauto": "GoRA 4-32, B/A x16, gamma auto",
     "gora-x1-gauto": "GoRA 4-32, B/A x1, gamma auto",
     "gora-x16-gauto-n20": "GoRA 4-32, B/A x16, gamma auto, N=20+4",

@@ -66,6 +66,8 @@ NLU_METHODS: list[RunSpec] = [
     # the robustness fix (goraplan --step-size auto), on the same grid
     RunSpec("nlu", "gora", 0, 0, ratio=16.0, gamma="auto"),
     RunSpec("nlu", "gora", 0, 0, ratio=1.0, gamma="auto"),
+    # gorafit's new default: lora_B's lr capped at 5e-3 (the collapse edge the grid above measured)
+    RunSpec("nlu", "gora", 0, 0, ratio=16.0, b_lr_max=5e-3),
 ]
 NLG_METHODS: list[RunSpec] = [
     RunSpec("nlg", "full", 0, 0, group="nlg"),
@@ -77,6 +79,7 @@ NLG_METHODS: list[RunSpec] = [
     # --step-size auto scores gamma on K = 4 batches after the N gradient ones: N = 20 + 4 = the 24 batches
     RunSpec("nlg", "gora", 0, 0, ratio=16.0, n_calib=20, gamma="auto", group="nlg"),
     RunSpec("nlg", "gora", 0, 0, ratio=1.0, n_calib=20, gamma="auto", group="nlg"),
+    RunSpec("nlg", "gora", 0, 0, ratio=16.0, n_calib=24, b_lr_max=5e-3, group="nlg"),
 ]
 # GoRA's knobs, each varied alone around the ablation base (paper Tables 3-5 and GORA.md's questions).
 ABLATIONS: dict[str, list[dict]] = {

@@ -44,11 +44,12 @@ def test_run_with_config_file_and_flags_on_top(inputs, tmp_path, capsys, cli_env
     out = tmp_path / "run"
     code, stdout, err = run(["run", inputs["plan"], "--config", config, "--max-steps", 3, "-o", out, *FAST], capsys)
     assert code == 0, err
-    assert "warning: every lora_B trains at 0.008 (lr 0.002 x lr-ratio 4)" in err  # beyond the measured-stable lrs
+    assert "warning: every lora_B trains at 0.005 (lr 0.002 x lr-ratio 2.5)" in err  # B capped; lr above 1e-3
     assert "trained: 3 steps" in stdout and f"adapter: {out / 'adapter'}" in stdout
     record = json.loads((out / "run.json").read_text())
     assert record["global_step"] == 3  # the flag beat the file
     assert record["settings"]["learning_rate"] == 2e-3 and record["settings"]["lr_ratio"] == 4  # the file's
+    assert record["settings"]["lr_b_max"] == 5e-3 and record["lora_B_learning_rate"] == pytest.approx(5e-3)
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
     # a second run into the same folder is refused; --overwrite replaces the run
@@ -133,12 +134,34 @@ def test_help_lists_the_training_arguments_names(capsys):
     assert code == 0 and "run" in out
 
 
-@pytest.mark.parametrize("lr,ratio,warns", [(1e-4, 16, False), (3e-4, 16, False), (1e-3, 16, True),
-                                            (1e-3, 1, False), (3e-3, 1, True), (2e-3, 4, True)])
-def test_learning_rate_warning_follows_the_measured_stable_range(lr, ratio, warns):
+@pytest.mark.parametrize("lr,ratio,cap,warns", [(1e-4, 16, 5e-3, False), (3e-4, 16, 5e-3, False),
+                                                (1e-3, 16, 5e-3, False), (1e-3, 16, None, True),
+                                                (1e-3, 1, None, False), (3e-3, 1, 5e-3, True), (2e-3, 4, None, True)])
+def test_learning_rate_warning_follows_the_measured_stable_range(lr, ratio, cap, warns):
     from gorafit.settings import TrainSettings, learning_rate_warning
 
-    warning = learning_rate_warning(TrainSettings(learning_rate=lr, lr_ratio=ratio))
+    warning = learning_rate_warning(TrainSettings(learning_rate=lr, lr_ratio=ratio, lr_b_max=cap))
     assert (warning is not None) == warns
     if warns:
-        assert "lower --lr or --lr-ratio" in warning and "REPORT.md" in warning
+        assert "lower --lr" in warning and "REPORT.md" in warning
+
+
+@pytest.mark.parametrize("lr,ratio,cap,expected", [(1e-4, 16, 5e-3, 16), (3e-4, 16, 5e-3, 16), (1e-3, 16, 5e-3, 5),
+                                                   (3e-3, 16, 5e-3, 5 / 3), (1e-2, 16, 5e-3, 1), (1e-2, 0.5, 5e-3, 0.5),
+                                                   (1e-3, 16, None, 16)])
+def test_the_cap_on_lora_b_learning_rate(lr, ratio, cap, expected):
+    from gorafit.settings import effective_lr_ratio
+
+    assert effective_lr_ratio(lr, ratio, cap) == pytest.approx(expected)
+
+
+def test_lr_b_max_none_on_the_command_line_removes_the_cap(inputs, tmp_path, capsys, cli_env):
+    out = tmp_path / "run"
+    code, _, err = run(["run", inputs["plan"], "--max-steps", 1, "--lr", 1e-3, "--lr-b-max", "none", "-o", out, *FAST],
+                       capsys)
+    assert code == 0, err
+    assert "warning: every lora_B trains at 0.016" in err
+    record = json.loads((out / "run.json").read_text())
+    assert record["settings"]["lr_b_max"] is None and record["lora_B_learning_rate"] == pytest.approx(1.6e-2)
+    code, _, err = run(["run", inputs["plan"], "--lr-b-max", "lots", "-o", tmp_path / "r2", *FAST], capsys)
+    assert_one_sentence(code, err, "'lots' is neither a number nor 'none'")
