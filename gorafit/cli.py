@@ -95,7 +95,7 @@ _RUN_OPTIONS = _options(
     click.option("--lr-ratio", type=click.FloatRange(min=0, min_open=True),
                  help="LoRA+: every lora_B trains at this times the learning rate [16, the paper's]."),
     click.option("--lr-b-max", type=_OPTIONAL_LR,
-                 help="Cap on lora_B's learning rate (not below --lr), or 'none' [5e-3, measured: GoRA collapsed above]."),
+                 help="Cap on lora_B's learning rate (not below --lr), or 'none' [3e-3, from the quality benchmark]."),
     click.option("--num-train-epochs", "--epochs", "num_train_epochs", type=click.FloatRange(min=0, min_open=True),
                  help="Epochs over the data [1]."),
     click.option("--max-steps", type=int, help="Optimizer steps in all; overrides --epochs when > 0."),

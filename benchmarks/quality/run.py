@@ -68,6 +68,7 @@ NLU_METHODS: list[RunSpec] = [
     RunSpec("nlu", "gora", 0, 0, ratio=1.0, gamma="auto"),
     # gorafit's new default: lora_B's lr capped at 5e-3 (the collapse edge the grid above measured)
     RunSpec("nlu", "gora", 0, 0, ratio=16.0, b_lr_max=5e-3),
+    RunSpec("nlu", "gora", 0, 0, ratio=16.0, b_lr_max=3e-3),  # added after 5e-3 collapsed at lr 1e-3 in a seed
 ]
 NLG_METHODS: list[RunSpec] = [
     RunSpec("nlg", "full", 0, 0, group="nlg"),
@@ -80,6 +81,7 @@ NLG_METHODS: list[RunSpec] = [
     RunSpec("nlg", "gora", 0, 0, ratio=16.0, n_calib=20, gamma="auto", group="nlg"),
     RunSpec("nlg", "gora", 0, 0, ratio=1.0, n_calib=20, gamma="auto", group="nlg"),
     RunSpec("nlg", "gora", 0, 0, ratio=16.0, n_calib=24, b_lr_max=5e-3, group="nlg"),
+    RunSpec("nlg", "gora", 0, 0, ratio=16.0, n_calib=24, b_lr_max=3e-3, group="nlg"),
 ]
 # GoRA's knobs, each varied alone around the ablation base (paper Tables 3-5 and GORA.md's questions).
 ABLATIONS: dict[str, list[dict]] = {
@@ -153,6 +155,12 @@ def nlg_specs(mode: Mode, seeds: list[int], records: list[dict]) -> list[RunSpec
     return out + [replace(t, lr=lr, seed=s) for s in seeds for t in mode.nlg_methods for lr in mode.nlg_lrs]
 
 
+def _ratio_only(spec: RunSpec) -> bool:
+    """A part-1 GoRA (4-32) that differs from the defaults in its B/A ratio and N at most (not auto, not capped)."""
+    return spec.method == "gora" and replace(spec, ratio=16.0, n_calib=64, lr=0, seed=0, group="main") == RunSpec(
+        spec.workload, "gora", 0, 0)
+
+
 def ablation_base(mode: Mode, records: list[dict]) -> tuple[RunSpec, str]:
     """GoRA (4-32) at the B/A ratio and lr that part 1 found best (mean over seeds), or a fixed fallback.
 
@@ -163,15 +171,15 @@ def ablation_base(mode: Mode, records: list[dict]) -> tuple[RunSpec, str]:
 
     cells: dict[tuple[float, float], list[float]] = {}
     for r in records:
-        s = r["spec"]
-        if s["workload"] == "nlu" and s["method"] == "gora" and s["group"] == "main":
-            cells.setdefault((s["ratio"], s["lr"]), []).append(r["accuracy"])
+        s = RunSpec(**r["spec"])
+        if s.workload == "nlu" and s.group == "main" and _ratio_only(s):
+            cells.setdefault((s.ratio, s.lr), []).append(r["accuracy"])
     full = {k: v for k, v in cells.items() if v}
     if not full:
         return NLU_BASE_FALLBACK, "fallback (part 1 had no GoRA results yet): ratio 1, lr 1e-3"
     (ratio, lr), accs = max(full.items(), key=lambda kv: mean_std(kv[1])[0])
     why = f"GoRA (4-32)'s best cell of part 1: ratio {ratio:g}, lr {lr:g} ({mean_std(accs)[0]:.4f} over {len(accs)} seeds)"
-    template = next(t for t in mode.nlu_methods if t.method == "gora" and t.ratio == ratio)
+    template = next(t for t in mode.nlu_methods if _ratio_only(t) and t.ratio == ratio)
     return replace(template, lr=lr, seed=0, group="ablation"), why
 
 
@@ -216,10 +224,10 @@ def fixed_ablation_base(mode: Mode, records: list[dict], seeds_needed: int) -> t
         return RunSpec(**saved["spec"]), saved["why"]
     lrs_done = {
         (r["spec"]["ratio"], r["spec"]["lr"]) for r in records
-        if r["spec"]["workload"] == "nlu" and r["spec"]["method"] == "gora" and r["spec"]["group"] == "main"
+        if r["spec"]["workload"] == "nlu" and r["spec"]["group"] == "main" and _ratio_only(RunSpec(**r["spec"]))
         and r["spec"]["seed"] < seeds_needed
     }
-    n_gora = sum(t.method == "gora" for t in mode.nlu_methods)
+    n_gora = sum(_ratio_only(t) for t in mode.nlu_methods)
     if n_gora == 0 or len(lrs_done) < n_gora * len(mode.lrs):
         return None
     base, why = ablation_base(mode, records)

@@ -44,12 +44,12 @@ def test_run_with_config_file_and_flags_on_top(inputs, tmp_path, capsys, cli_env
     out = tmp_path / "run"
     code, stdout, err = run(["run", inputs["plan"], "--config", config, "--max-steps", 3, "-o", out, *FAST], capsys)
     assert code == 0, err
-    assert "warning: every lora_B trains at 0.005 (lr 0.002 x lr-ratio 2.5)" in err  # B capped; lr above 1e-3
+    assert "warning: every lora_B trains at 0.003 (lr 0.002 x lr-ratio 1.5)" in err  # B capped; lr above 1e-3
     assert "trained: 3 steps" in stdout and f"adapter: {out / 'adapter'}" in stdout
     record = json.loads((out / "run.json").read_text())
     assert record["global_step"] == 3  # the flag beat the file
     assert record["settings"]["learning_rate"] == 2e-3 and record["settings"]["lr_ratio"] == 4  # the file's
-    assert record["settings"]["lr_b_max"] == 5e-3 and record["lora_B_learning_rate"] == pytest.approx(5e-3)
+    assert record["settings"]["lr_b_max"] == 3e-3 and record["lora_B_learning_rate"] == pytest.approx(3e-3)
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
     # a second run into the same folder is refused; --overwrite replaces the run
