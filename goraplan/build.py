@@ -6,6 +6,7 @@ The maths lives in `importance`, `allocate` and `init`; this module only wires i
 from __future__ import annotations
 
 import hashlib
+import itertools
 import time
 from collections.abc import Callable, Iterable
 
@@ -28,7 +29,7 @@ from goraplan.plan import (
     utc_now,
 )
 from goraplan.settings import PlanSettings
-from goraplan.step_size import search_step_size, take
+from goraplan.step_size import search_step_size
 from goraplan.targets import find_target_modules, weight_digest, weight_fingerprint
 
 
@@ -106,7 +107,7 @@ def build_plan(
     gamma = settings.step_size
     if gamma == "auto":
         t0 = time.perf_counter()
-        held_out = take(batch_iter, settings.held_out_steps)
+        held_out = list(itertools.islice(batch_iter, settings.held_out_steps))
         if len(held_out) < settings.held_out_steps:
             raise GoraError(
                 f"--step-size auto needs {settings.held_out_steps} held-out batches after the {settings.steps} "

@@ -16,7 +16,7 @@ The adapter is added with forward hooks (``y += gamma * s * (x @ A^T) @ B^T``); 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
@@ -123,11 +123,3 @@ def search_step_size(
         losses={f"{g:g}": (v if math.isfinite(v) else None) for g, v in losses.items()},
     )
 
-
-def take(batches: Iterator[dict], n: int) -> list[dict]:
-    out = []
-    for batch in batches:
-        out.append(batch)
-        if len(out) == n:
-            break
-    return out
