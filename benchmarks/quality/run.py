@@ -27,22 +27,19 @@ short by ``--max-minutes`` still covers every method and learning rate.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
 import sys
 import time
 import traceback
 import zlib
 from dataclasses import asdict, dataclass, field, replace
-from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import stamp  # noqa: E402  (command, versions, machine, date: every run file and report)
 from benchmarks.quality.harness import RunSpec  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "quality"
@@ -237,26 +234,6 @@ def fixed_ablation_base(mode: Mode, records: list[dict], seeds_needed: int) -> t
 
 
 # ---------------------------------------------------------------------------------------------------- records
-def stamp(command: list[str]) -> dict:
-    """Command, library versions, machine and date: carried by every run file and report."""
-    import torch
-
-    versions = {}
-    for pkg in ("torch", "transformers", "peft", "datasets", "goraplan"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return {
-        "command": " ".join(command),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
-        "python": platform.python_version(),
-        "torch_threads": torch.get_num_threads(),
-        "versions": versions,
-    }
-
-
 def workload_config(mode: Mode, workload: str) -> dict | None:
     """The sizes a workload was built with: a run file counts as done only for the same sizes."""
     if mode.builders is not None:
