@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from goraplan import distributed
 from goraplan.errors import GoraError
 
 
@@ -35,12 +36,6 @@ class GradientResult:
     mean_loss: float = 0.0
     token_fingerprint: str = ""
     extra: dict = field(default_factory=dict)
-
-
-def _distributed() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def _checkpointing_enabled(model: nn.Module) -> bool:
@@ -91,7 +86,7 @@ def accumulate_gradients(
     ``torch.distributed``, rank ``k`` uses batches ``k, k + world, ...`` of the first ``steps``.
     ``progress(step, loss)`` is called after each local step.
     """
-    rank, world = _distributed()
+    rank, world = distributed.rank(), distributed.world()
     device = next(model.parameters()).device
     acc_device = torch.device("cpu") if offload else device
     acc = {

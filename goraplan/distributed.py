@@ -1,0 +1,120 @@
+"""The process group, in one place: who we are, joining what torchrun set up, and leaving it cleanly.
+
+Every function works without ``torch.distributed`` initialised (one process: rank 0 of 1), so callers
+need no ``if distributed`` branches of their own.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def initialized() -> bool:
+    """Whether this process is part of an initialised process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world() -> int:
+    """How many processes share the work (1 without a process group)."""
+    return dist.get_world_size() if initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank in the process group (0 without one, like ``world()`` is 1)."""
+    return dist.get_rank() if initialized() else 0
+
+
+def is_main() -> bool:
+    """Whether this is the process that writes files and prints: rank 0 of the process group, or, before
+    one is joined, the process torchrun started with ``RANK=0``."""
+    return dist.get_rank() == 0 if initialized() else os.environ.get("RANK", "0") == "0"
+
+
+def launched() -> bool:
+    """Whether torchrun (or any launcher that sets ``WORLD_SIZE``) started more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def device() -> torch.device:
+    """This process's device: its local GPU under NCCL, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def init_if_launched() -> int:
+    """Join the process group that the launcher set up (NCCL on CUDA, gloo on the CPU); return this rank.
+
+    A single process started without a launcher stays alone and gets rank 0.
+    """
+    if not launched():
+        return 0
+    if not initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(device())
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    return dist.get_rank()
+
+
+def barrier() -> None:
+    """Wait for every process (no-op alone)."""
+    if initialized() and world() > 1:
+        dist.barrier()
+
+
+def finish() -> None:
+    """Leave the process group cleanly, not at interpreter exit.
+
+    The barrier first: a process that destroys the group while a peer still has a collective in flight
+    can abort the peer at exit.
+    """
+    if initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process (an all-reduce every process must call the same number of
+    times). Used as an error flag: a rank that fails alone would leave the others waiting in their next
+    collective forever, so every rank learns of the failure and stops together."""
+    if not initialized() or world() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def main_first(work: Callable[[], T]) -> T:
+    """Run ``work`` on rank 0, then on the others (which then find its caches).
+
+    An error on rank 0 does not leave the others waiting: they run ``work`` too, and meet the same error.
+    """
+    if world() == 1:
+        return work()
+    result: Any = None
+    error: BaseException | None = None
+    if is_main():
+        try:
+            result = work()
+        except Exception as exc:  # re-raised below, after the others are released
+            error = exc
+    barrier()
+    if not is_main():
+        result = work()
+    if error is not None:
+        raise error
+    return result
+
+
+def _collective_device() -> torch.device:
+    """Where a tensor must live for a collective: NCCL only talks CUDA tensors."""
+    return device() if dist.get_backend() == "nccl" else torch.device("cpu")
