@@ -19,32 +19,11 @@ from pathlib import Path
 
 import click
 
-from goraplan.allocate import ALLOCATION_MODES
+from goraplan.cli_options import given_values, settings_options
 from goraplan.cli_support import run_cli
-from goraplan.importance import IMPORTANCE_METRICS
 from goraplan.plan import check_output_path, load_plan, manifest_json_schema
-from goraplan.settings import make_settings
+from goraplan.settings import PlanSettings, make_settings
 from goraplan.targets import find_target_modules, parse_target_modules
-
-
-class StepSizeType(click.ParamType):
-    """A positive number, or ``auto``."""
-
-    name = "FLOAT|auto"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, float) or value == "auto":
-            return value
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is neither a number nor 'auto'", param, ctx)
-        if not number > 0:
-            self.fail(f"{value!r} must be above 0 (or 'auto')", param, ctx)
-        return number
-
-
-STEP_SIZE = StepSizeType()
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_DATA = {"causal-lm": "sarcasm-lm", "seq-cls": "sarcasm"}
@@ -63,41 +42,24 @@ def cli() -> None:
 @click.option("--data", default=None, help="Data set: Hub name, local jsonl/json/csv/parquet, or built-in alias "
               "(default: sarcasm-lm for causal-lm, sarcasm for seq-cls).")
 @click.option("--split", default="train", show_default=True, help="Data split to calibrate on.")
-@click.option("--task", type=click.Choice(["causal-lm", "seq-cls"]), default="causal-lm", show_default=True)
-@click.option("--target-modules", default=None,
-              help="Comma-separated module names or 'all-linear' (default: q,k,v,o projections; all-linear for seq-cls).")
-@click.option("--rank", default=8, show_default=True, type=int, help="r0: plain LoRA's rank; sets the budget.")
-@click.option("--min-rank", default=None, type=int, help="Smallest rank (default r0 // 2).")
-@click.option("--max-rank", default=None, type=int, help="Largest rank (default 4 * r0).")
-@click.option("--alpha", default=16.0, show_default=True, type=float, help="LoRA alpha (rsLoRA scaling alpha/sqrt(r)).")
-@click.option("--step-size", default="0.05", show_default=True, type=STEP_SIZE,
-              help="gamma: initial adapter ~ -gamma * G; 'auto' picks it by the loss on held-out batches.")
-@click.option("--held-out-steps", default=4, show_default=True, type=int,
-              help="K: batches after the N gradient batches that --step-size auto scores on.")
-@click.option("--steps", default=64, show_default=True, type=int, help="N: gradient steps to accumulate.")
-@click.option("--batch-size", default=4, show_default=True, type=int)
-@click.option("--max-length", default=256, show_default=True, type=int)
-@click.option("--importance", type=click.Choice(IMPORTANCE_METRICS), default="sensitivity", show_default=True)
-@click.option("--allocation", type=click.Choice(ALLOCATION_MODES), default="exact", show_default=True)
-@click.option("--seed", default=0, show_default=True, type=int)
+@settings_options(
+    PlanSettings,
+    decls={"offload_gradients": ("--offload-gradients",), "gradient_checkpointing": ("--gradient-checkpointing",)},
+    types_={"target_modules": click.STRING},
+)
 @click.option("--dtype", default="float32", show_default=True,
               type=click.Choice(["float32", "bfloat16", "float16", "auto"]))
-@click.option("--offload-gradients", is_flag=True, help="Keep the float32 gradient accumulators in CPU memory.")
-@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations (long sequences).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code from the Hub.")
 @click.option("-o", "--output", default="plan.gora", show_default=True, type=click.Path(dir_okay=False))
-def build(model_name, data, split, task, target_modules, rank, min_rank, max_rank, alpha, step_size, held_out_steps, steps,
-          batch_size, max_length, importance, allocation, seed, dtype, offload_gradients, gradient_checkpointing,
-          trust_remote_code, output):
+def build(model_name, data, split, dtype, trust_remote_code, output, **given):
     """Accumulate gradients, allocate ranks and write the initial adapter as a .gora plan."""
     from goraplan.build import build_plan, peak_memory_mb
 
-    settings = make_settings(
-        task=task, target_modules=parse_target_modules(target_modules), rank=rank, min_rank=min_rank,
-        max_rank=max_rank, alpha=alpha, step_size=step_size, held_out_steps=held_out_steps, steps=steps, batch_size=batch_size,
-        max_length=max_length, importance=importance, allocation=allocation, seed=seed,
-        offload_gradients=offload_gradients, gradient_checkpointing=gradient_checkpointing,
-    )
+    given = given_values(given)
+    if "target_modules" in given:
+        given["target_modules"] = parse_target_modules(given["target_modules"])
+    settings = make_settings(**given)
+    task, seed = settings.task, settings.seed
     output = Path(output)
     check_output_path(output)
     data = data or DEFAULT_DATA[task]
@@ -116,14 +78,14 @@ def build(model_name, data, split, task, target_modules, rank, min_rank, max_ran
     model, tokenizer = load_model(model_name, task, dtype=dtype, num_labels=len(labels) if labels else None,
                                   label_names=labels, trust_remote_code=trust_remote_code, seed=seed)
     find_target_modules(model, settings.resolved().target_modules)  # fails fast, before any gradient step
-    ds, info = data_mod.prepare(data, tokenizer, task, split=split, max_length=max_length, seed=seed,
-                                limit=settings.batches_needed * batch_size, label_names=labels)
-    batches = data_mod.make_batches(ds, data_mod.PaddingCollator(tokenizer, task), batch_size,
+    ds, info = data_mod.prepare(data, tokenizer, task, split=split, max_length=settings.max_length,
+                                seed=seed, limit=settings.batches_needed * settings.batch_size, label_names=labels)
+    batches = data_mod.make_batches(ds, data_mod.PaddingCollator(tokenizer, task), settings.batch_size,
                                     settings.batches_needed, source=data)
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=steps, desc="gradient steps", unit="step", disable=rank_id != 0)
+    bar = tqdm(total=settings.steps, desc="gradient steps", unit="step", disable=rank_id != 0)
 
     def progress(step: int, loss: float) -> None:
         bar.update(1 if _world() == 1 else _world())
@@ -139,7 +101,7 @@ def build(model_name, data, split, task, target_modules, rank, min_rank, max_ran
         st = plan.stats
         click.echo(
             f"wrote {output}: {len(ranks)} modules, ranks {min(ranks)}..{max(ranks)}, "
-            f"{t.allocated:,} params vs plain LoRA r={rank} {t.lora_equivalent:,} (ratio {t.ratio:.4f}), "
+            f"{t.allocated:,} params vs plain LoRA r={settings.rank} {t.lora_equivalent:,} (ratio {t.ratio:.4f}), "
             f"{time.perf_counter() - started:.1f} s total (gradients {st['gradients_s']:.1f} s, importance "
             f"{st['importance_s']:.2f} s, allocation {st['allocation_s']:.3f} s, init {st['init_s']:.2f} s), "
             f"peak memory {peak_memory_mb(next(model.parameters()).device):.0f} MiB"
