@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -58,11 +58,17 @@ def build_plan(
     data_split: str | None = None,
     labels: list[str] | None = None,
     progress: Callable[[int, float], None] | None = None,
+    fixed_ranks: Mapping[str, int] | None = None,
+    model_revision: str | None = None,
 ) -> Plan:
     """Build a GoRA plan for ``model`` from ``settings.steps`` calibration batches.
 
     ``batches`` is any iterable of dicts that ``model(**batch)`` accepts and whose output has
     ``.loss``. The model's weights are not changed.
+
+    ``fixed_ranks`` (module path -> rank, e.g. another plan's ``ranks``) replaces the allocation step: the
+    target modules must be exactly its keys, and gradients, importance and the initial adapter still come
+    from ``batches``. ``model_revision`` is the Hub commit the model was loaded at, for the manifest.
 
     >>> plan = build_plan(model, batches, PlanSettings(rank=8, steps=16))  # doctest: +SKIP
     >>> plan.save("plan.gora")                                             # doctest: +SKIP
@@ -70,6 +76,10 @@ def build_plan(
     settings = (settings or PlanSettings()).resolved()
     r_min, r_max = settings.min_rank, settings.max_rank
     modules = find_target_modules(model, settings.target_modules)
+    if fixed_ranks is not None and set(fixed_ranks) != set(modules):
+        unknown = sorted(set(fixed_ranks) - set(modules)) or sorted(set(modules) - set(fixed_ranks))
+        raise GoraError(f"the given ranks cover {len(fixed_ranks)} modules but the target modules of this model are "
+                        f"{len(modules)} (first difference: {unknown[0]}): give ranks for exactly the target modules")
     device = next(model.parameters()).device
     timings: dict[str, float] = {}
 
@@ -93,7 +103,10 @@ def build_plan(
 
     t0 = time.perf_counter()
     costs = {name: m.out_features + m.in_features for name, m in modules.items()}
-    ranks = allocate_ranks(shares, costs, settings.rank, r_min, r_max, settings.allocation)
+    if fixed_ranks is None:
+        ranks = allocate_ranks(shares, costs, settings.rank, r_min, r_max, settings.allocation)
+    else:
+        ranks = {name: int(fixed_ranks[name]) for name in modules}
     timings["allocation_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -130,7 +143,7 @@ def build_plan(
         created_at=utc_now(),
         base_model=BaseModelInfo(
             name_or_path=model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or "unknown",
-            revision=getattr(getattr(model, "config", None), "_commit_hash", None),
+            revision=model_revision or getattr(getattr(model, "config", None), "_commit_hash", None),
             architecture=type(model).__name__,
             dtype=str(first_weight.dtype).removeprefix("torch."),
             fingerprint=weight_fingerprint(modules, digests),
