@@ -9,3 +9,15 @@ class GoraError(Exception):
 
 class PlanFormatError(GoraError):
     """A file that is not a valid, intact `.gora` plan of a schema version this tool reads."""
+
+
+def first_line(exc: BaseException | str, default: str = "no details") -> str:
+    """The first non-empty line of an exception's message, to quote a library's error inside one sentence.
+
+    >>> first_line(ValueError("bad value\\n  more detail"))
+    'bad value'
+    >>> first_line(RuntimeError())
+    'no details'
+    """
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else default
