@@ -1,22 +1,21 @@
 """Where built-in models and data sets are kept once prepared, and how they get there safely.
 
 Everything lands under one folder (``$GORA_CACHE``, else ``$XDG_CACHE_HOME/gora``, else
-``~/.cache/gora``) and is written to a temporary name first, then renamed, so an interrupted
-conversion or download never leaves a half-written file that a later run would trust.
+``~/.cache/gora``) and is written with `goraplan.files.atomic_dir` / `atomic_file` (temporary name,
+then rename), so an interrupted conversion or download never leaves a half-written file that a later
+run would trust.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from goraplan.errors import GoraError
+from goraplan.files import atomic_dir, atomic_file  # noqa: F401  (models.py, data.py: import from goraplan.files)
 
 
 def cache_dir() -> Path:
@@ -36,49 +35,6 @@ def cache_dir() -> Path:
 def say(message: str) -> None:
     """One line of progress on stderr (stdout stays clean for the commands' real output)."""
     print(message, file=sys.stderr, flush=True)
-
-
-@contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `target`; rename it to `target` only if the block succeeds.
-
-    >>> with atomic_dir(Path("/tmp/gora-cache/models/x")) as tmp:  # doctest: +SKIP
-    ...     (tmp / "config.json").write_text("{}")
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the cache folder is an ordinary one
-    try:
-        yield tmp
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            # Another process finished the same job first (the target is a non-empty folder): keep theirs.
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextmanager
-def atomic_file(target: Path) -> Iterator[Path]:
-    """Yield a temporary file path beside `target`; rename it to `target` only if the block succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
-    os.close(fd)
-    tmp = Path(name)
-    tmp.chmod(0o666 & ~_umask())
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def package_file(package: str, version: str) -> Path:

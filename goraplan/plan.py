@@ -24,6 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from goraplan.errors import GoraError, PlanFormatError
+from goraplan.files import atomic_file, check_can_write, file_sha256
+from goraplan.hub import resolve_plan_source
 from goraplan.settings import PlanSettings, Task, validation_summary
 from goraplan.step_size import StepSizeSearch
 
@@ -72,6 +74,15 @@ class ModulePlan(_Strict):
     weight_sha256: str = Field(description="sha256 of the base weight's float32 bytes.")
 
 
+class RanksSource(_Strict):
+    """The plan whose ranks this one reuses (``goraplan build --ranks-from``): its allocation, this run's data."""
+
+    source: str = Field(description="That plan as given: a path or a Hub repository OWNER/NAME[@REVISION].")
+    plan_sha256: str = Field(description="sha256 of that plan file.")
+    calibration_source: str | None = Field(None, description="The data that plan's ranks were allocated from.")
+    token_fingerprint: str = Field(description="That plan's calibration token fingerprint.")
+
+
 class Totals(_Strict):
     budget: int = Field(description="Parameter budget r0 * sum(out + in).")
     allocated: int = Field(description="Parameters the planned adapter trains.")
@@ -94,6 +105,9 @@ class Manifest(_Strict):
     calibration: CalibrationInfo
     step_size_search: StepSizeSearch | None = Field(
         None, description="What --step-size auto measured and chose; absent for a fixed step size."
+    )
+    ranks_from: RanksSource | None = Field(
+        None, description="Set when the ranks (and target modules) were taken from another plan instead of allocated."
     )
     modules: list[ModulePlan]
     totals: Totals
@@ -167,8 +181,7 @@ class Plan:
     # -- I/O
     def save(self, path: str | os.PathLike) -> Path:
         """Write the plan atomically (temporary name, then rename) and return its path."""
-        path = Path(path)
-        check_output_path(path)
+        path = check_can_write(path, overwrite=True)
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.tensors.items()}
         manifest_json = self.manifest.model_dump_json()
         metadata = {
@@ -177,41 +190,27 @@ class Plan:
             "gora.manifest": manifest_json,
             "gora.manifest_sha256": hashlib.sha256(manifest_json.encode()).hexdigest(),
         }
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        try:
+        with atomic_file(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         self.sha256 = file_sha256(path)
         return path
 
 
 def check_output_path(path: Path) -> None:
-    """One sentence if a file cannot be written at ``path`` (missing or unwritable folder)."""
-    folder = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise GoraError(f"output path {path} is a folder; give a file name such as {path / 'plan.gora'}")
-    if not folder.is_dir():
-        raise GoraError(f"output folder {folder} does not exist; create it first or choose another -o path")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise GoraError(f"output folder {folder} is not writable; choose another -o path")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """One sentence if a plan cannot be written at ``path``; see `goraplan.files.check_can_write`."""
+    check_can_write(path, overwrite=True)
 
 
 def load_plan(path: str | os.PathLike) -> Plan:
     """Read and verify a `.gora` plan: format, schema version, manifest and every tensor checksum.
 
+    `path` may also be a Hub model repository, ``OWNER/NAME[@REVISION]``: its ``plan.gora``, through
+    huggingface_hub's cache (see `goraplan.hub.resolve_plan_source`).
+
     >>> plan = load_plan("plan.gora")  # doctest: +SKIP
+    >>> plan = load_plan("team-a/sarcasm-plan@v1")  # doctest: +SKIP
     """
-    path = Path(path)
+    path = resolve_plan_source(path)
     if not path.is_file():
         raise GoraError(f"plan file {path} does not exist; build one with goraplan build")
     try:
