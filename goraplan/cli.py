@@ -45,7 +45,7 @@ def cli() -> None:
 @settings_options(
     PlanSettings,
     decls={"offload_gradients": ("--offload-gradients",), "gradient_checkpointing": ("--gradient-checkpointing",)},
-    types_={"target_modules": click.STRING},
+    extra={"target_modules": {"type": click.STRING}},
 )
 @click.option("--dtype", default="float32", show_default=True,
               type=click.Choice(["float32", "bfloat16", "float16", "auto"]))

@@ -65,18 +65,19 @@ def settings_options(
     only: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
     decls: Mapping[str, Sequence[str]] | None = None,
-    types_: Mapping[str, click.ParamType] | None = None,
+    extra: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Callable[[Callable], Callable]:
     """A decorator adding one click option per field of ``model`` (in field order).
 
     ``decls`` replaces a field's option names (``{"learning_rate": ("--learning-rate", "--lr")}``; a bool
-    field given one name is a plain flag, else ``--name/--no-name``); ``types_`` replaces a field's click type
-    where the annotation says too little (a comma list, a path). The keyword argument is the field's name.
+    field given one name is a plain flag, else ``--name/--no-name``); ``extra`` adds or replaces click keyword
+    arguments where the annotation says too little (``{"type": click.Path()}`` for a path). The command's
+    keyword argument is the field's name.
     """
     exclude = set(exclude)
     names = [n for n in (only if only is not None else model.model_fields) if n not in exclude]
     options = [
-        option_for(name, model.model_fields[name], decls=(decls or {}).get(name), type_=(types_ or {}).get(name))
+        option_for(name, model.model_fields[name], decls=(decls or {}).get(name), extra=(extra or {}).get(name))
         for name in names
     ]
 
@@ -94,7 +95,7 @@ def given_values(kwargs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def option_for(name: str, field: FieldInfo, *, decls: Sequence[str] | None = None,
-               type_: click.ParamType | None = None) -> Callable[[Callable], Callable]:
+               extra: Mapping[str, Any] | None = None) -> Callable[[Callable], Callable]:
     """One click option for one pydantic field; its default is ``None`` (not given)."""
     flag = "--" + name.replace("_", "-")
     annotation = _without_none(field.annotation)
@@ -106,8 +107,8 @@ def option_for(name: str, field: FieldInfo, *, decls: Sequence[str] | None = Non
         if not any("/" in d for d in decls):
             kwargs["is_flag"] = True
     else:
-        kwargs["type"] = type_ if type_ is not None else click_type(annotation)
-    return click.option(*decls, name, **kwargs)
+        kwargs["type"] = click_type(annotation)
+    return click.option(*decls, name, **{**kwargs, **(extra or {})})
 
 
 def click_type(annotation: Any) -> click.ParamType:
