@@ -71,7 +71,8 @@ def test_detect_format(columns, task, expected):
 
 
 def test_detect_format_missing_columns_lists_found_and_needed():
-    with pytest.raises(GoraError, match=r"columns question, answer; causal-lm needs messages, or prompt and completion"):
+    with pytest.raises(GoraError, match=r"columns question, answer; causal-lm needs messages, prompt and completion, "
+                                        r"text, .* --columns prompt=question,completion=answer"):
         detect_format(["question", "answer"], "causal-lm")
     with pytest.raises(GoraError, match=r"columns sentence, label; seq-cls needs the columns text and label"):
         detect_format(["sentence", "label"], "seq-cls")
