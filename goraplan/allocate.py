@@ -39,26 +39,35 @@ def allocate_ranks(
     r_min: int,
     r_max: int,
     mode: AllocationMode = "exact",
+    caps: Mapping[str, int] | None = None,
 ) -> dict[str, int]:
     """Ranks per module from importance shares ``a_i`` (summing to 1) and per-rank costs ``f_i``.
 
+    ``caps`` (module -> ``min(out, in)``) lowers ``r_min`` and ``r_max`` per module: a rank above the
+    matrix's own rank adds parameters but nothing the update could express.
+
     >>> allocate_ranks({"a": 0.5, "b": 0.5}, {"a": 100, "b": 100}, r0=8, r_min=4, r_max=32)
+    {'a': 8, 'b': 8}
+    >>> allocate_ranks({"a": 0.9, "b": 0.1}, {"a": 24, "b": 100}, r0=8, r_min=4, r_max=32, caps={"a": 8, "b": 50})
     {'a': 8, 'b': 8}
     """
     _check_bounds(r0, r_min, r_max)
-    if set(shares) != set(costs):
-        raise ValueError("shares and costs must name the same modules")
+    if set(shares) != set(costs) or (caps is not None and set(caps) != set(costs)):
+        raise ValueError("shares, costs and caps must name the same modules")
     if not shares:
         return {}
+    r_max_of = {name: min(r_max, caps[name]) if caps else r_max for name in shares}
+    r_min_of = {name: min(r_min, r_max_of[name]) for name in shares}
     budget = lora_budget(costs, r0)
     if mode == "paper":
         return {
-            name: min(max(_round_half_up(budget * shares[name] / costs[name]), r_min), r_max) for name in shares
+            name: min(max(_round_half_up(budget * shares[name] / costs[name]), r_min_of[name]), r_max_of[name])
+            for name in shares
         }
     if mode != "exact":
         raise ValueError(f"unknown allocation mode {mode!r}; choose one of {', '.join(ALLOCATION_MODES)}")
-    targets = _water_fill(shares, costs, budget, r_min, r_max)
-    return _round_within_budget(targets, costs, budget, r_min, r_max)
+    targets = _water_fill(shares, costs, budget, r_min_of, r_max_of)
+    return _round_within_budget(targets, costs, budget, r_min_of, r_max_of)
 
 
 def _check_bounds(r0: int, r_min: int, r_max: int) -> None:
@@ -73,7 +82,8 @@ def _round_half_up(x: float) -> int:
 
 
 def _water_fill(
-    shares: Mapping[str, float], costs: Mapping[str, int], budget: float, r_min: int, r_max: int
+    shares: Mapping[str, float], costs: Mapping[str, int], budget: float,
+    r_min: Mapping[str, int], r_max: Mapping[str, int],
 ) -> dict[str, float]:
     """Real-valued ranks ``clip(lam * a_i / f_i, r_min, r_max)`` with ``lam`` set so they spend the budget.
 
@@ -86,13 +96,13 @@ def _water_fill(
         shares = {name: 1.0 / len(names) for name in names}
 
     def ranks(lam: float) -> dict[str, float]:
-        return {n: min(max(lam * shares[n] / costs[n], r_min), r_max) for n in names}
+        return {n: min(max(lam * shares[n] / costs[n], r_min[n]), r_max[n]) for n in names}
 
     def spent(lam: float) -> float:
         return sum(r * costs[n] for n, r in ranks(lam).items())
 
     def saturated(lam: float) -> bool:  # no module with importance can grow any more
-        return all(r >= r_max for n, r in ranks(lam).items() if shares[n] > 0)
+        return all(r >= r_max[n] for n, r in ranks(lam).items() if shares[n] > 0)
 
     lo, hi = 0.0, float(budget)
     while spent(hi) < budget and not saturated(hi) and hi < 1e300:  # shares below ~1e-300 stay at r_min
@@ -107,7 +117,8 @@ def _water_fill(
 
 
 def _round_within_budget(
-    targets: Mapping[str, float], costs: Mapping[str, int], budget: int, r_min: int, r_max: int
+    targets: Mapping[str, float], costs: Mapping[str, int], budget: int,
+    r_min: Mapping[str, int], r_max: Mapping[str, int],
 ) -> dict[str, int]:
     """Largest-remainder rounding that never exceeds the budget.
 
@@ -116,10 +127,10 @@ def _round_within_budget(
     so budget that no module with importance can absorb (all at ``r_max``) stays unspent rather than
     going to unimportant layers.
     """
-    ranks = {name: max(r_min, min(r_max, math.floor(t + 1e-9))) for name, t in targets.items()}
+    ranks = {name: max(r_min[name], min(r_max[name], math.floor(t + 1e-9))) for name, t in targets.items()}
     left = budget - sum(ranks[name] * costs[name] for name in ranks)
     for name in sorted(ranks, key=lambda n: (-(targets[n] - ranks[n]), costs[n], n)):
-        if targets[name] - ranks[name] > 1e-9 and ranks[name] < r_max and costs[name] <= left:
+        if targets[name] - ranks[name] > 1e-9 and ranks[name] < r_max[name] and costs[name] <= left:
             ranks[name] += 1
             left -= costs[name]
     return ranks
