@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from goraplan.errors import GoraError
+
 T = TypeVar("T")
 
 
@@ -88,9 +90,53 @@ def any_rank(flag: bool) -> bool:
     collective forever, so every rank learns of the failure and stops together."""
     if not initialized() or world() == 1:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+    t = torch.tensor([1.0 if flag else 0.0], device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def raise_if_any(problem: str | None) -> None:
+    """Every process raises the same ``GoraError`` when any process has a ``problem`` (the first rank's
+    one); none is left waiting in a collective. Every process must call this equally often."""
+    if not any_rank(problem is not None):
+        return
+    problems: list[str | None] = [problem]
+    if world() > 1:
+        problems = [None] * world()
+        dist.all_gather_object(problems, problem)
+    raise GoraError(next(p for p in problems if p is not None))
+
+
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise sum of ``values`` over every process, in float64, in one all-reduce."""
+    if world() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def from_main(work: Callable[[], T]) -> T:
+    """Run ``work`` on rank 0 only and hand its (picklable) result to every process: a decision made once.
+
+    An error on rank 0 reaches every process as the same ``GoraError`` (none is left waiting).
+    """
+    if world() == 1:
+        return work()
+    payload: list[Any] = [None, None]
+    error: BaseException | None = None
+    if is_main():
+        try:
+            payload[0] = work()
+        except Exception as exc:  # re-raised below, after the others have heard of it
+            error = exc
+            payload[1] = str(exc) if isinstance(exc, GoraError) else f"process 0 failed: {type(exc).__name__}: {exc}"
+    dist.broadcast_object_list(payload, src=0)
+    if error is not None:
+        raise error
+    if payload[1] is not None:
+        raise GoraError(payload[1])
+    return payload[0]
 
 
 def main_first(work: Callable[[], T]) -> T:
@@ -115,6 +161,6 @@ def main_first(work: Callable[[], T]) -> T:
     return result
 
 
-def _collective_device() -> torch.device:
+def collective_device() -> torch.device:
     """Where a tensor must live for a collective: NCCL only talks CUDA tensors."""
     return device() if dist.get_backend() == "nccl" else torch.device("cpu")

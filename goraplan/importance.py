@@ -38,6 +38,20 @@ def importance(weight: torch.Tensor, grad: torch.Tensor, metric: ImportanceMetri
     raise ValueError(f"unknown importance metric {metric!r}; choose one of {', '.join(IMPORTANCE_METRICS)}")
 
 
+def sensitivity_sum(weight: torch.Tensor, grad: torch.Tensor) -> float:
+    """``sum(|W ⊙ G|)`` over the entries given, in float64: a part of eq. 8's mean that rows held
+    elsewhere (a sharded model) add to.
+
+    >>> sensitivity_sum(torch.ones(2, 2), torch.full((2, 2), -0.5))
+    2.0
+    """
+    if weight.shape != grad.shape:
+        raise ValueError(f"weight {tuple(weight.shape)} and gradient {tuple(grad.shape)} differ in shape")
+    w = weight.detach().to(torch.float32)
+    g = grad.detach().to(w.device, torch.float32)
+    return float((w * g).abs().sum(dtype=torch.float64))
+
+
 def normalise(scores: Mapping[str, float]) -> dict[str, float]:
     """Eq. 9: shares that sum to one. All-zero scores (no gradient signal) give equal shares.
 

@@ -15,6 +15,7 @@ with rsLoRA scaling ``s = alpha / sqrt(r)``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -59,11 +60,37 @@ def compress_gradient(grad: torch.Tensor, lora_a: torch.Tensor, xi: float, ridge
     return (-xi * b_t.T).to(torch.float32).contiguous()
 
 
+@dataclass(frozen=True)
+class GoraInit:
+    """One module's initial adapter: ``A``, and ``B`` for any step size gamma.
+
+    ``B = -xi * G @ pinv(A)`` with ``xi = gamma * sqrt(n) / alpha`` (eqs. 11 and 13). ``xi`` is linear in
+    gamma, so the solve is done once, at gamma 1 (``unit_b``), and ``lora_b(gamma)`` scales it:
+    ``--step-size auto`` tries every candidate gamma for the price of one solve.
+
+    Every row of ``B`` comes from the same row of ``G``: a process that holds only some rows of ``G``
+    (a sharded model) solves for exactly those rows of ``B`` with the same ``A``.
+    """
+
+    lora_a: torch.Tensor
+    unit_b: torch.Tensor
+
+    def lora_b(self, gamma: float) -> torch.Tensor:
+        """``B = -xi * G @ pinv(A)`` at step size ``gamma``."""
+        return gamma * self.unit_b
+
+
+def solve_init(grad: torch.Tensor, rank: int, alpha: float, generator: torch.Generator) -> GoraInit:
+    """Draw ``A`` from ``generator`` and solve for ``B`` at gamma 1, for the gradient ``grad`` (``[out, in]``,
+    or some of its rows)."""
+    _, in_features = grad.shape
+    lora_a = random_lora_a(rank, in_features, generator)
+    return GoraInit(lora_a, compress_gradient(grad.cpu(), lora_a, step_scale(1.0, in_features, alpha)))
+
+
 def gora_init(
     grad: torch.Tensor, rank: int, alpha: float, gamma: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Initial ``(A, B)`` for one module whose accumulated gradient is ``grad`` (``[out, in]``)."""
-    _, in_features = grad.shape
-    lora_a = random_lora_a(rank, in_features, generator)
-    lora_b = compress_gradient(grad.cpu(), lora_a, step_scale(gamma, in_features, alpha))
-    return lora_a, lora_b
+    init = solve_init(grad, rank, alpha, generator)
+    return init.lora_a, init.lora_b(gamma)

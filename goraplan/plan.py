@@ -59,6 +59,10 @@ class CalibrationInfo(_Strict):
     tokens: int = Field(description="Non-padding tokens seen.")
     token_fingerprint: str = Field(description="sha256 over the input ids of every batch used.")
     mean_loss: float = Field(description="Mean loss of the base model over the calibration batches.")
+    processes: int = Field(1, ge=1, description="Processes the gradients were computed on (torchrun's world size).")
+    sharded: bool = Field(
+        False, description="Whether the model was sharded with FSDP while planning (no process held a whole gradient)."
+    )
 
 
 class ModulePlan(_Strict):

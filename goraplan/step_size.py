@@ -24,7 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn import functional as F
 
+from goraplan import distributed
 from goraplan.errors import GoraError
+from goraplan.sharded import is_sharded
 
 STEP_SIZE_CANDIDATES: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
 
@@ -81,26 +83,38 @@ def adapters_added(modules: dict[str, nn.Linear], adapters: dict[str, tuple[torc
 
 @torch.no_grad()
 def mean_loss(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> float:
+    """Mean loss over ``batches``. On a sharded model rank ``k`` computes batches ``k, k + world, ...`` and
+    the sums are added over the ranks (every rank runs the same number of forward passes, which FSDP's
+    collectives need: a rank without a batch left repeats the first one and counts nothing)."""
     device = next(model.parameters()).device
+    mine = range(len(batches))
+    if is_sharded(model):
+        world = distributed.world()
+        mine = range(distributed.rank(), math.ceil(len(batches) / world) * world, world)
     total = 0.0
-    for batch in batches:
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        total += float(model(**batch).loss)
+    for i in mine:
+        counted = i < len(batches)
+        batch = batches[i if counted else 0]
+        loss = float(model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}).loss)
+        total += loss if counted else 0.0
+    if is_sharded(model):
+        total = distributed.sum_over_ranks([total])[0]
     return total / len(batches)
 
 
 def search_step_size(
     model: nn.Module,
     modules: dict[str, nn.Linear],
-    unit_init: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
+    unit_adapters: dict[str, tuple[torch.Tensor, torch.Tensor]],
     held_out: Sequence[dict[str, torch.Tensor]],
     candidates: Sequence[float] = STEP_SIZE_CANDIDATES,
 ) -> StepSizeSearch:
-    """Held-out loss for each candidate gamma; ``unit_init`` maps module -> (A, B at gamma 1, scaling s)."""
+    """Held-out loss for each candidate gamma. ``unit_adapters`` maps module -> (``A``, ``s * B`` at gamma 1):
+    the initial adapter is linear in gamma, so each candidate is that ``s * B`` scaled."""
     if not held_out:
         raise GoraError("--step-size auto needs held-out batches after the gradient batches; give more data")
     device = next(model.parameters()).device
-    units = {name: (a.to(device), (s * b).to(device)) for name, (a, b, s) in unit_init.items()}
+    units = {name: (a.to(device), sb.to(device)) for name, (a, sb) in unit_adapters.items()}
     live = {name: (a, torch.empty_like(sb)) for name, (a, sb) in units.items()}
     was_training = model.training
     model.eval()
@@ -122,4 +136,3 @@ def search_step_size(
         base_loss=base,
         losses={f"{g:g}": (v if math.isfinite(v) else None) for g, v in losses.items()},
     )
-

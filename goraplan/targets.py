@@ -84,7 +84,12 @@ def weight_digest(module: nn.Linear) -> str:
     Hashing the float32 cast (and not the stored dtype) keeps the digest equal when the same weights are
     loaded in another dtype whose cast is exact (bf16 -> fp32), and different when a cast loses bits.
     """
-    w = module.weight.detach().to("cpu", torch.float32).contiguous()
+    return tensor_digest(module.weight)
+
+
+def tensor_digest(weight: torch.Tensor) -> str:
+    """sha256 of a weight's float32 bytes (see ``weight_digest``)."""
+    w = weight.detach().to("cpu", torch.float32).contiguous()
     return hashlib.sha256(w.numpy().tobytes()).hexdigest()
 
 
