@@ -42,6 +42,10 @@ def cli() -> None:
 @click.option("--data", default=None, help="Data set: Hub name, local jsonl/json/csv/parquet, or built-in alias "
               "(default: sarcasm-lm for causal-lm, sarcasm for seq-cls).")
 @click.option("--split", default="train", show_default=True, help="Data split to calibrate on.")
+@click.option("--columns", default=None, metavar="STANDARD=YOURS,...",
+              help="Read your data set's columns as the standard ones, e.g. prompt=question,completion=answer.")
+@click.option("--packing", is_flag=True, help="Pack several causal-lm examples into each --max-length row "
+              "(each still attends only to itself).")
 @settings_options(
     PlanSettings,
     decls={"offload_gradients": ("--offload-gradients",), "gradient_checkpointing": ("--gradient-checkpointing",)},
@@ -51,7 +55,7 @@ def cli() -> None:
               type=click.Choice(["float32", "bfloat16", "float16", "auto"]))
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code from the Hub.")
 @click.option("-o", "--output", default="plan.gora", show_default=True, type=click.Path(dir_okay=False))
-def build(model_name, data, split, dtype, trust_remote_code, output, **given):
+def build(model_name, data, split, columns, packing, dtype, trust_remote_code, output, **given):
     """Accumulate gradients, allocate ranks and write the initial adapter as a .gora plan."""
     from goraplan.build import build_plan, peak_memory_mb
 
@@ -70,26 +74,28 @@ def build(model_name, data, split, dtype, trust_remote_code, output, **given):
 
     from goraplan import data as data_mod
     from goraplan.models import load_model
+    from goraplan.progress import quiet_library_bars
 
     datasets.disable_progress_bars()
+    quiet_library_bars()
 
-    records = data_mod.load_records(data, split)  # bad data fails here, before a model is loaded
+    records = data_mod.map_columns(data_mod.load_records(data, split), columns)  # bad data fails before the model
     labels = data_mod.label_names_of(records) if task == "seq-cls" else None
     model, tokenizer = load_model(model_name, task, dtype=dtype, num_labels=len(labels) if labels else None,
                                   label_names=labels, trust_remote_code=trust_remote_code, seed=seed)
     find_target_modules(model, settings.resolved().target_modules)  # fails fast, before any gradient step
     ds, info = data_mod.prepare(data, tokenizer, task, split=split, max_length=settings.max_length,
-                                seed=seed, limit=settings.batches_needed * settings.batch_size, label_names=labels)
-    batches = data_mod.make_batches(ds, data_mod.PaddingCollator(tokenizer, task), settings.batch_size,
+                                seed=seed, limit=settings.batches_needed * settings.batch_size, label_names=labels,
+                                columns=columns, packing=packing)
+    batches = data_mod.make_batches(ds, data_mod.collator_for(tokenizer, task, packed=packing), settings.batch_size,
                                     settings.batches_needed, source=data)
 
-    from tqdm.auto import tqdm
+    from goraplan.progress import progress as progress_reporter
 
-    bar = tqdm(total=settings.steps, desc="gradient steps", unit="step", disable=rank_id != 0)
+    bar = progress_reporter(settings.steps, "gradient steps", enabled=rank_id == 0)
 
     def progress(step: int, loss: float) -> None:
-        bar.update(1 if _world() == 1 else _world())
-        bar.set_postfix(loss=f"{loss:.4f}")
+        bar.advance(1 if _world() == 1 else _world(), loss=f"{loss:.4f}")
 
     plan = build_plan(model, batches, settings, model_name=model_name, data_source=data, data_split=split,
                       labels=labels, progress=progress)

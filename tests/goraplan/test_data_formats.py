@@ -279,3 +279,30 @@ def test_smollm2_formats_and_packing():
         second = model(input_ids=torch.tensor([ds[1]["input_ids"]])).logits[0]
     start = len(ds[0]["input_ids"])
     torch.testing.assert_close(packed[start:start + len(ds[1]["input_ids"])], second, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# goraplan build --columns --packing
+
+
+def test_build_reads_mapped_columns_and_packs(tiny_model_dir, tmp_path, capsys, cli_env):
+    from goraplan.cli import cli
+    from goraplan.cli_support import run_cli
+    from goraplan.plan import load_plan
+
+    rows = [{"question": f"is the {a} {b} ?", "answer": f"yes the {a} is {b}"}
+            for a in ("cat", "dog", "sun", "car") for b in ("big", "red", "small", "fast")]
+    path = write_jsonl(tmp_path / "qa.jsonl", rows)
+    args = ["build", "--model", tiny_model_dir, "--data", path, "--steps", 2, "--batch-size", 2, "--rank", 4,
+            "--max-length", 32]
+    for extra, name in (([], "plain"), (["--packing"], "packed")):
+        with pytest.raises(SystemExit) as exc:
+            run_cli(cli, [str(a) for a in [*args, "--columns", "prompt=question,completion=answer", *extra,
+                                           "-o", tmp_path / f"{name}.gora"]])
+        assert exc.value.code == 0, capsys.readouterr().err
+    plain, packed = load_plan(tmp_path / "plain.gora").manifest, load_plan(tmp_path / "packed.gora").manifest
+    assert plain.calibration.examples == 4 and packed.calibration.examples == 4  # rows of 2 steps x 2
+    assert packed.calibration.token_fingerprint != plain.calibration.token_fingerprint
+    with pytest.raises(SystemExit) as exc:
+        run_cli(cli, [str(a) for a in [*args, "-o", tmp_path / "x.gora"]])
+    assert exc.value.code == 2 and "--columns prompt=question" in capsys.readouterr().err
