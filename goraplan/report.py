@@ -1,12 +1,22 @@
-"""Human-readable views of a plan: summary, per-module table, rank distribution per module type, diff, plot."""
+"""Human-readable views of a plan: summary, per-module table, rank distribution per module type, diff, plot.
+
+Every string in a plan came from whoever built it: each line goes through `printable` before it is
+returned, so a model or module name cannot move the cursor, clear the screen or forge a line.
+"""
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
 
+from goraplan.errors import GoraError
+from goraplan.files import atomic_file, check_can_write
 from goraplan.plan import Plan
 from goraplan.targets import module_type
+from goraplan.untrusted import printable
 
 
 def ranks_by_type(plan: Plan) -> dict[str, list[int]]:
@@ -34,30 +44,35 @@ def summary_lines(plan: Plan) -> list[str]:
         f"params     {t.allocated:,} allocated of a {t.budget:,} budget (plain LoRA r={s.rank}: "
         f"{t.lora_equivalent:,}; ratio {t.ratio:.4f})",
     ]
+    if man.ranks_from:
+        rf = man.ranks_from
+        lines.append(f"ranks from {printable(rf.source)} (sha256 {rf.plan_sha256[:16]}, allocated on "
+                     f"{printable(rf.calibration_source)}); importance and init from this plan's data")
     if man.step_size_search:
         ss = man.step_size_search
         tried = ", ".join(f"{g}: {'inf' if v is None else f'{v:.4f}'}" for g, v in ss.losses.items())
         lines.append(f"step size  chose {ss.chosen:g} on {ss.held_out_batches} held-out batches "
                      f"(base loss {ss.base_loss:.4f}; {tried})")
-    return lines
+    return _inert(lines)
 
 
 def type_table_lines(plan: Plan) -> list[str]:
     rows = ["module type              n   min  mean   max  ranks by layer"]
     for kind, ranks in ranks_by_type(plan).items():
         rows.append(
-            f"{kind:<22} {len(ranks):>3} {min(ranks):>5} {statistics.mean(ranks):>5.1f} {max(ranks):>5}  "
+            f"{printable(kind):<22} {len(ranks):>3} {min(ranks):>5} {statistics.mean(ranks):>5.1f} {max(ranks):>5}  "
             + " ".join(str(r) for r in ranks)
         )
-    return rows
+    return _inert(rows)
 
 
 def module_table_lines(plan: Plan) -> list[str]:
     rows = [f"{'module':<48} {'shape':>11} {'rank':>4} {'share':>7} {'importance':>11} {'params':>8}"]
     for m in plan.manifest.modules:
         shape = f"{m.shape[0]}x{m.shape[1]}"
-        rows.append(f"{m.name:<48} {shape:>11} {m.rank:>4} {m.share:>7.4f} {m.importance:>11.4e} {m.params:>8}")
-    return rows
+        rows.append(f"{printable(m.name):<48} {shape:>11} {m.rank:>4} {m.share:>7.4f} {m.importance:>11.4e} "
+                    f"{m.params:>8}")
+    return _inert(rows)
 
 
 def diff_lines(a: Plan, b: Plan) -> list[str]:
@@ -86,11 +101,37 @@ def diff_lines(a: Plan, b: Plan) -> list[str]:
         out.extend(f"  {n}: {ra[n]} -> {rb[n]}" for n in changed[:20])
         if len(changed) > 20:
             out.append(f"  ... and {len(changed) - 20} more")
+    if ma.ranks_from and ma.ranks_from.plan_sha256 == b.sha256:
+        out.append("ranks: the first plan reuses the second plan's ranks (goraplan build --ranks-from)")
+    if mb.ranks_from and mb.ranks_from.plan_sha256 == a.sha256:
+        out.append("ranks: the second plan reuses the first plan's ranks (goraplan build --ranks-from)")
     if len(common) > 1:
-        rho = _spearman([_share(a, n) for n in common], [_share(b, n) for n in common])
+        share_a, share_b = [_share(a, n) for n in common], [_share(b, n) for n in common]
+        rho = _spearman(share_a, share_b)
         out.append(f"importance order: Spearman rank correlation {rho:.4f} over {len(common)} shared modules")
+        k = max(1, len(common) // 4)
+        shared_top = top_k_overlap(share_a, share_b, k)
+        out.append(f"importance order: {shared_top} of the top {k} modules are the same in both plans "
+                   f"({shared_top / k:.0%})")
     out.append(f"totals: {ma.totals.allocated:,} vs {mb.totals.allocated:,} parameters")
-    return out
+    return _inert(out)
+
+
+def _inert(lines: list[str]) -> list[str]:
+    """Each line with any control character that a plan's strings brought in escaped."""
+    return [printable(line) for line in lines]
+
+
+def top_k_overlap(x: list[float], y: list[float], k: int) -> int:
+    """How many of the `k` highest entries of `x` are also among the `k` highest of `y` (same positions).
+
+    >>> top_k_overlap([0.5, 0.3, 0.1, 0.1], [0.1, 0.6, 0.2, 0.1], 2)
+    1
+    """
+    def top(v: list[float]) -> set[int]:
+        return set(sorted(range(len(v)), key=lambda i: (-v[i], i))[:k])
+
+    return len(top(x) & top(y))
 
 
 def _share(plan: Plan, name: str) -> float:
@@ -112,8 +153,30 @@ def _spearman(x: list[float], y: list[float]) -> float:
     return cov / var if var else 1.0
 
 
-def plot_ranks(plan: Plan, path: str) -> None:
-    """Rank per layer, one line per module type (the paper's Figure 3), saved as PNG."""
+PLOT_FORMATS = ("png", "svg", "pdf", "jpg", "jpeg", "webp", "tif", "tiff")
+
+
+def check_plot_path(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> Path:
+    """One sentence before any work if the rank chart cannot be written at `path`.
+
+    The format comes from the extension, which must be an image format, and the chart never replaces an
+    input (an existing image is replaced: a chart is cheap to draw again).
+
+    >>> check_plot_path("ranks.gora")
+    Traceback (most recent call last):
+    goraplan.errors.GoraError: --plot ranks.gora: the chart's format comes from the file extension; use .png, .svg, .pdf, .jpg, .jpeg, .webp, .tif or .tiff.
+    """
+    path = Path(path)
+    if path.suffix.lower().lstrip(".") not in PLOT_FORMATS:
+        formats = ", ".join(f".{f}" for f in PLOT_FORMATS)
+        raise GoraError(f"--plot {printable(path)}: the chart's format comes from the file extension; use "
+                        f"{formats.rsplit(', ', 1)[0]} or {formats.rsplit(', ', 1)[1]}.")
+    return check_can_write(path, overwrite=True, inputs=inputs)
+
+
+def plot_ranks(plan: Plan, path: str | os.PathLike) -> None:
+    """Rank per layer, one line per module type (the paper's Figure 3), saved atomically as an image."""
+    path = check_plot_path(path)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,7 +184,7 @@ def plot_ranks(plan: Plan, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for kind, ranks in ranks_by_type(plan).items():
-        ax.plot(range(len(ranks)), ranks, marker="o", markersize=3, label=kind)
+        ax.plot(range(len(ranks)), ranks, marker="o", markersize=3, label=_plot_text(kind))
     s = plan.manifest.settings
     ax.axhline(s.rank, color="grey", linestyle="--", linewidth=1, label=f"plain LoRA r={s.rank}")
     from matplotlib.ticker import MaxNLocator
@@ -129,9 +192,15 @@ def plot_ranks(plan: Plan, path: str) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel("rank")
-    ax.set_title(f"GoRA ranks: {plan.manifest.base_model.name_or_path} "
+    ax.set_title(f"GoRA ranks: {_plot_text(plan.manifest.base_model.name_or_path)} "
                  f"({plan.manifest.totals.allocated:,} / {plan.manifest.totals.budget:,} params)")
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=path.suffix.lower().lstrip("."))
     plt.close(fig)
+
+
+def _plot_text(text: str) -> str:
+    """A plan's string as matplotlib shows it literally: escaped, and ``$`` not opening mathtext."""
+    return printable(text).replace("$", r"\$")
