@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Sequence
 
 import torch
@@ -71,11 +70,6 @@ def module_type(name: str) -> str:
     parts = name.split(".")
     digits = [i for i, p in enumerate(parts) if p.isdigit()]
     return ".".join(parts[digits[-1] + 1 :]) if digits else parts[-1]
-
-
-def rank_pattern_key(name: str) -> str:
-    """PEFT ``rank_pattern`` key for one full module path (PEFT matches keys as regular expressions)."""
-    return re.escape(name)
 
 
 def weight_digest(module: nn.Linear) -> str:
