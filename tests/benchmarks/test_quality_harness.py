@@ -1,99 +1,121 @@
-"""The quality benchmark's harness on a config-built tiny BERT: it runs, records, resumes and reports.
+"""The quality benchmark on a config-built tiny BERT: every method trains through the one loop, auto
+picks its lr from training batches and keeps the evidence, the grid resumes, the report counts it,
+and the modules import one way.
 
-Checks the plumbing only (every method trains through the one loop, a rerun skips finished runs, the
-report counts the grid), not accuracy.
+Plumbing only, not accuracy: the tiny workload trains in milliseconds.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-pytest.importorskip("matplotlib")
+from benchmarks.quality import harness
+from benchmarks.quality.grid import AUTO, MODES, Method, RunSpec, lattice, planned
+from benchmarks.quality.harness import train_and_evaluate
+from tests.benchmarks.tiny_workload import build_tiny
 
-from benchmarks.quality import harness, run, workloads  # noqa: E402
-from benchmarks.quality.harness import RunSpec, train_and_evaluate  # noqa: E402
+QUALITY = Path(__file__).resolve().parents[2] / "benchmarks" / "quality"
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return workloads.build_tiny(train_examples=32, test_examples=16)
+    return build_tiny(train_examples=64, test_examples=16)
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "loraplus", "adalora", "gora"])
+@pytest.mark.parametrize("method", ["full", "lora", "loraplus", "gora"])
 def test_one_run_records_what_the_report_needs(tiny, method, tmp_path, monkeypatch):
     monkeypatch.setattr(harness, "PLAN_CACHE", tmp_path / "plans")
-    spec = RunSpec("tiny", method, 1e-3, 0, n_calib=2)
+    spec = RunSpec("nlu", method, 1e-3, 0, n_calib=2)
     record = train_and_evaluate(tiny, spec)
-    assert record["run_id"] == spec.run_id
-    assert record["steps"] == tiny.steps == 4
-    assert len(record["train_loss"]) == 4
+    assert record["run_id"] == spec.run_id and record["lr_used"] == 1e-3
+    assert record["steps"] == tiny.steps == 8 and len(record["train_loss"]) == 8
     assert 0.0 <= record["accuracy"] <= 1.0 and record["examples"] == 16
     assert record["collapsed"] == (record["majority_share"] >= harness.COLLAPSE_SHARE)
-    assert record["trainable_params"] > 0
+    assert record["trainable_params"] > 0 and record["lr_search"] is None
     json.dumps(record)  # a run file must be plain JSON
 
 
-def test_gora_keeps_the_lora_budget_and_uses_the_ratio(tiny, tmp_path, monkeypatch):
+def test_auto_chooses_from_training_batches_and_keeps_every_candidate(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(harness, "PLAN_CACHE", tmp_path / "plans")
-    lora = train_and_evaluate(tiny, RunSpec("tiny", "lora", 1e-3, 0))
-    gora = train_and_evaluate(tiny, RunSpec("tiny", "gora", 1e-3, 0, ratio=4.0, n_calib=2))
-    info = gora["method_info"]
-    assert info["allocated"] <= info["budget"]
-    assert gora["trainable_params"] <= lora["trainable_params"]
-    assert gora["label"] == "gora-x4-n2"
-    # the plan is cached: a second lr of the same seed reuses it
-    again = train_and_evaluate(tiny, RunSpec("tiny", "gora", 3e-3, 0, ratio=4.0, n_calib=2))
-    assert again["method_info"]["plan_cached"] is True
+    record = train_and_evaluate(tiny, RunSpec("nlu", "gora", AUTO, 0, n_calib=2))
+    search = record["lr_search"]
+    assert record["run_id"] == "nlu-gora-x16-n2-lrauto-s0"
+    assert record["lr_used"] == search["chosen"] in [c["lr"] for c in search["candidates"]]
+    # every candidate lies on the grid's quarter-decade lattice, so auto's pick is also a grid cell
+    lattice_points = set(lattice(-28, 28))
+    assert all(c["lr"] in lattice_points for c in search["candidates"])
+    assert record["auto_s"] > 0 and record["auto_share"] == pytest.approx(record["auto_s"] / record["train_s"], rel=1e-2)
 
 
-def test_grid_resumes_and_reports(tiny, tmp_path):
-    templates = [RunSpec("nlu", "lora", 0, 0), RunSpec("nlu", "gora", 0, 0, ratio=1.0, n_calib=2)]
-    mode = replace(
-        run.MODES["quick"], name="test", results=tmp_path, lrs=[1e-3], seeds=[0], nlu_methods=templates,
-        nlg_methods=[], nlg_seeds=[], ablation_seeds=[0], ablations={"B/A lr ratio": [dict(ratio=1.0), dict(ratio=4.0)]},
-        builders={"nlu": lambda: tiny}, probes=[("tiny", "nlu", 2, 2, False)],
-    )
-    run.run_grid(mode, ["pytest"], None, {"nlu", "nlg", "ablation", "probe"})
-    files = sorted(p.name for p in (tmp_path / "runs").glob("*.json"))
-    assert files == ["nlu-gora-x1-n2-lr0.001-s0.json", "nlu-gora-x4-n2-lr0.001-s0.json", "nlu-lora-lr0.001-s0.json"]
-    stamps = [json.loads((tmp_path / "runs" / f).read_text())["stamp"] for f in files]
-    assert all(s["command"] == "pytest" and s["versions"]["torch"] for s in stamps)
-
-    before = {f: (tmp_path / "runs" / f).stat().st_mtime_ns for f in files}
-    run.run_grid(mode, ["pytest"], None, {"nlu", "nlg", "ablation"})  # nothing left: nothing reruns
-    assert before == {f: (tmp_path / "runs" / f).stat().st_mtime_ns for f in files}
-
+def test_the_grid_resumes_and_the_report_counts_it(tiny, tmp_path):
+    from benchmarks.common import stamp
+    from benchmarks.quality.executor import run_grid
     from benchmarks.quality.report import write_report
 
-    path = write_report(mode, run.stamp(["pytest"]))
-    text = path.read_text()
-    assert "Grid coverage: 3 of 3 planned runs done" in text
+    methods = [Method("lora", "LoRA", RunSpec("nlu", "lora", 0.0, 0), [1e-3, 1.78e-3]),
+               Method("gora-x1-n2", "GoRA x1", RunSpec("nlu", "gora", 0.0, 0, ratio=1.0, n_calib=2), [1e-3])]
+    mode = replace(MODES["quick"], name="test", results=tmp_path, nlu_seeds=[0], nlg_seeds=[], nlu_methods=methods,
+                   nlg_methods=[], lr_points=None, builders={"nlu": lambda: tiny})
+    assert len(planned(mode)) == 5  # 2 auto + 3 grid cells
+    run_grid(mode, ["pytest"], parts={"grid", "curvature"}, say=lambda m: None)
+    files = sorted(p.name for p in (tmp_path / "runs").glob("*.json"))
+    assert files == ["nlu-gora-x1-n2-lr0.001-s0.json", "nlu-lora-lr0.001-s0.json", "nlu-lora-lr0.00178-s0.json"]
+    assert all(json.loads((tmp_path / "runs" / f).read_text())["stamp"]["command"] == "pytest" for f in files)
+    curvature = json.loads((tmp_path / "curvature" / "nlu-lora-s0.json").read_text())
+    assert curvature["lambda_max"] > 0 and curvature["iterations"] >= 2
+
+    before = {f: (tmp_path / "runs" / f).stat().st_mtime_ns for f in files}
+    run_grid(mode, ["pytest"], parts={"grid"}, say=lambda m: None)  # nothing left: nothing reruns
+    assert before == {f: (tmp_path / "runs" / f).stat().st_mtime_ns for f in files}
+
+    text = write_report(mode, stamp(["pytest"])).read_text()
+    assert "Coverage: 3 of 5 planned runs done" in text
+    assert "| nlu | LoRA | 0 of 1 | 2 of 2 |" in text
     assert (tmp_path / "nlu_accuracy_vs_lr.png").is_file()
-    assert (tmp_path / "ablation_base.json").is_file()
-    assert (tmp_path / "probes" / "tiny.json").is_file() and "Step-size probe" in text
 
 
-def test_step_size_probe_scales_the_initial_adapter(tiny):
-    from benchmarks.quality.probe import GAMMAS, step_size_probe
+def test_the_quality_modules_import_one_way_and_never_the_cli_or_the_tests():
+    edges = {}
+    for path in QUALITY.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+        edges[path.stem] = {n.rsplit(".", 1)[-1] for n in names if n.startswith("benchmarks.quality")}
+        assert not any(n.startswith("tests") for n in names), path.name
+    assert not any("run" in deps for deps in edges.values())  # run.py is the command line only
 
-    record = step_size_probe(tiny, "tiny", n_calib=2, n_held=2)
-    assert [r["gamma"] for r in record["rows"]] == GAMMAS
-    losses = [r["calib_loss"] for r in record["rows"]]
-    # a small step along -G lowers the loss on the batches G came from (GORA.md: a descent step)
-    assert losses[1] < losses[0]
-    assert record["best_gamma_held_out"] in GAMMAS
+    def reaches(a, b, seen=()):
+        return any(d == b or (d not in seen and reaches(d, b, (*seen, d))) for d in edges.get(a, ()))
+
+    assert not [m for m in edges if reaches(m, m)]  # no import circle
 
 
-def test_gora_step_size_auto_scores_on_batches_after_the_calibration_ones(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(harness, "PLAN_CACHE", tmp_path / "plans")
-    small = replace(tiny, calib_batch_size=4)  # N + K = 2 + 4 batches of 4 out of 32 examples
-    record = train_and_evaluate(small, RunSpec("tiny", "gora", 1e-3, 0, n_calib=2, gamma="auto"))
-    info = record["method_info"]
-    assert record["label"] == "gora-x16-gauto-n2"
-    search = info["step_size_search"]
-    assert search["held_out_batches"] == harness.HELD_OUT_STEPS
-    assert info["step_size"] == search["chosen"] and f"{search['chosen']:g}" in search["losses"]
-    assert info["calib_batches"] == 2
+def test_the_full_grid_meets_the_issue():
+    mode = MODES["full"]
+    assert len(mode.nlu_methods) == len(mode.nlg_methods) == 8
+    assert len(mode.nlu_seeds) >= 3 and len(mode.nlg_seeds) >= 2
+    for m in mode.nlu_methods + mode.nlg_methods:
+        assert m.lrs[-1] / m.lrs[0] >= 99  # two decades
+        assert all(b / a <= 2 for a, b in zip(m.lrs, m.lrs[1:]))  # spaced at most 2x
+    assert mode.nlu["train_examples"] >= 3000 and mode.nlu["train_examples"] / 32 >= 90
+    assert mode.nlg["test_examples"] >= 500 and mode.nlg["train_examples"] / 8 >= 200
+
+
+def test_arithmetic_test_problems_stay_out_of_training():
+    from benchmarks.quality.workloads import arithmetic_problems
+
+    test = arithmetic_problems(300, seed=1)
+    train = arithmetic_problems(900, seed=0, exclude={p["prompt"] for p in test})
+    assert len({p["prompt"] for p in train}) == 900 and not {p["prompt"] for p in train} & {p["prompt"] for p in test}
+    for p in train[:30]:
+        a, op, b = p["prompt"].removeprefix("Q: What is ").removesuffix("?\nA:").split()
+        assert p["answer"] == {"plus": int(a) + int(b), "minus": int(a) - int(b), "times": int(a) * int(b)}[op]
+        assert p["completion"] == f" {p['answer']}"

@@ -1,0 +1,319 @@
+"""Choosing the learning rate from the model and the training data (``gorafit run --lr auto``).
+
+Why here and not in planning: the learning rate that works depends on everything the optimizer sees
+(the method's initial adapter, its parameter groups with their lr multipliers such as LoRA+'s or
+GoRA's B/A ratio, the clip, AdamW itself), and only the training side has all of it, for every method
+(plain LoRA has no plan at all). Planning has GoRA's gradients, but not the optimizer.
+
+Two measurements, both on training batches only (never an evaluation or test set):
+
+- **Range test** (what ``--lr auto`` uses). From the same starting weights, train ``k`` short steps at a
+  candidate lr with a fresh optimizer, score the loss on held-out *training* batches, put the weights
+  back; walk the candidates in half-decade steps from a start value towards lower held-out loss, stop
+  at the first candidate past the minimum, then try the quarter-decade points either side of the best.
+  The chosen lr is the candidate with the lowest held-out loss. Everything is kept (`LrSearch`): every
+  candidate, its score, the chosen value, the seconds it took, and a picture (`plot_lr_search`).
+- **Curvature**: the largest eigenvalue of the loss Hessian along the trainable parameters, by power
+  iteration with Hessian-vector products (`hessian_top_eigenvalue`); with per-parameter lr multipliers
+  it is the eigenvalue of ``M^1/2 H M^1/2``, the curvature the optimizer's steps actually see. The
+  quality benchmark records it to test whether a method's best lr follows ``1 / lambda_max``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+__all__ = [
+    "Candidate",
+    "LrSearch",
+    "find_lr",
+    "probe_steps_for_budget",
+    "hessian_top_eigenvalue",
+    "format_lr_search",
+    "plot_lr_search",
+    "LR_SEARCH_FILE",
+]
+
+LR_SEARCH_FILE = "lr_search.json"
+LR_SEARCH_PLOT = "lr_search.png"
+QUARTER_DECADE = 10 ** 0.25  # the lattice: the walk moves two steps, then tries one either side of the best
+LR_BOUNDS = (1e-7, 1.0 + 1e-9)  # the walk never leaves these (1.0 itself included)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One learning rate tried: the held-out training loss after its short run (inf when it diverged)."""
+
+    lr: float
+    held_out_loss: float
+    train_losses: list[float]
+
+    @property
+    def diverged(self) -> bool:
+        return not math.isfinite(self.held_out_loss)
+
+
+@dataclass
+class LrSearch:
+    """The evidence of one range test: enough to redraw its picture and to check its choice."""
+
+    chosen: float
+    candidates: list[Candidate]
+    start_loss: float  # held-out loss before any step (lr 0)
+    steps_per_candidate: int
+    probe_batch_size: int | None
+    held_out_batches: int
+    seconds: float
+    rule: str = "lowest held-out training loss after the short run"
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        for c in data["candidates"]:  # JSON has no inf
+            c["held_out_loss"] = c["held_out_loss"] if math.isfinite(c["held_out_loss"]) else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LrSearch:
+        data = dict(data)
+        data["candidates"] = [
+            Candidate(c["lr"], math.inf if c["held_out_loss"] is None else c["held_out_loss"], list(c["train_losses"]))
+            for c in data["candidates"]
+        ]
+        return cls(**data)
+
+
+# ------------------------------------------------------------------------------------------ range test
+def probe_steps_for_budget(train_steps: int, train_batch_size: int, probe_batch_size: int, held_out_examples: int,
+                           *, candidates: int = 7, share: float = 0.10) -> int:
+    """How many probe steps per candidate keep the whole search within `share` of the training run's cost.
+
+    Cost is counted in example passes: a training step costs 3 per example (forward and backward), a
+    held-out forward pass 1. The search runs about `candidates` short runs plus one unscored start.
+
+    >>> probe_steps_for_budget(94, 32, 8, 32, candidates=6)
+    4
+    >>> probe_steps_for_budget(10, 32, 8, 32)  # a run too short for any search within 10%: one step each
+    1
+    """
+    budget = share * 3 * train_steps * train_batch_size
+    per_candidate = budget / candidates - held_out_examples - held_out_examples / candidates
+    return max(1, int(per_candidate // (3 * probe_batch_size)))
+
+
+def _mean_loss(model: nn.Module, batches: Sequence[dict], loss_fn: Callable[[nn.Module, dict], torch.Tensor]) -> float:
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        losses = [loss_fn(model, b).item() for b in batches]
+    model.train(was_training)
+    value = sum(losses) / len(losses)
+    return value if math.isfinite(value) else math.inf
+
+
+def _default_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    return model(**batch).loss
+
+
+def short_run(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Optimizer], lr: float,
+              train_batches: Sequence[dict], held_out: Sequence[dict], *, max_grad_norm: float | None = 1.0,
+              loss_fn: Callable[[nn.Module, dict], torch.Tensor] = _default_loss) -> Candidate:
+    """Train on `train_batches` at constant `lr` with a fresh optimizer, then score `held_out`.
+
+    The caller restores the weights afterwards (`find_lr` does)."""
+    optimizer = make_optimizer(lr)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    losses = []
+    model.train()
+    for batch in train_batches:
+        loss = loss_fn(model, batch)
+        if not torch.isfinite(loss):
+            optimizer.zero_grad(set_to_none=True)
+            return Candidate(lr, math.inf, losses + [math.inf])
+        loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(round(loss.item(), 6))
+    return Candidate(lr, _mean_loss(model, held_out, loss_fn), losses)
+
+
+class _Snapshot:
+    """A copy of the trainable weights, put back between candidates (every candidate starts alike)."""
+
+    def __init__(self, model: nn.Module):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.saved = [p.detach().clone() for p in self.params]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, s in zip(self.params, self.saved, strict=True):
+                p.copy_(s)
+                p.grad = None
+
+
+def find_lr(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Optimizer],
+            train_batches: Sequence[dict], held_out: Sequence[dict], *, start: float = 1e-3,
+            max_grad_norm: float | None = 1.0, tolerance: float = 1e-4,
+            loss_fn: Callable[[nn.Module, dict], torch.Tensor] = _default_loss) -> LrSearch:
+    """The range test: the lr whose short run on `train_batches` gives the lowest loss on `held_out`.
+
+    `make_optimizer(lr)` builds the optimizer the real run would build at base lr `lr` (its groups keep
+    their multipliers). Candidates: `start`, then half-decade steps towards lower held-out loss until one
+    is not lower by more than `tolerance` (relative), then the quarter-decade points either side of the
+    best. The model leaves with the weights it came with; its RNG state is restored so the real run
+    that follows draws what it would have drawn without the search.
+    """
+    if not train_batches or not held_out:
+        raise ValueError("find_lr needs at least one training batch and one held-out batch")
+    t0 = time.perf_counter()
+    snapshot = _Snapshot(model)
+    rng = torch.random.get_rng_state()
+    was_training = model.training
+    tried: dict[int, Candidate] = {}  # by quarter-decade step k from start: lr = start * 10^(k/4)
+
+    def lr_at(k: int) -> float:
+        return float(f"{start * 10 ** (k / 4):.3g}")  # 3 significant digits: the same lattice as a grid
+
+    def trial(k: int) -> Candidate:
+        if k not in tried:
+            tried[k] = short_run(model, make_optimizer, lr_at(k), train_batches, held_out,
+                                 max_grad_norm=max_grad_norm, loss_fn=loss_fn)
+            snapshot.restore()
+        return tried[k]
+
+    def better(a: Candidate, b: Candidate) -> bool:
+        return a.held_out_loss < b.held_out_loss - tolerance * abs(b.held_out_loss)
+
+    def inside(k: int) -> bool:
+        return LR_BOUNDS[0] <= lr_at(k) <= LR_BOUNDS[1]
+
+    try:
+        start_loss = _mean_loss(model, held_out, loss_fn)
+        best_k = 0
+        direction = 2 if better(trial(2), trial(0)) else -2  # half-decade steps
+        best_k = 2 if direction == 2 else 0
+        while inside(best_k + direction):
+            nxt = best_k + direction
+            if not better(trial(nxt), trial(best_k)):
+                break
+            best_k = nxt
+        for k in (best_k - 1, best_k + 1):  # the quarter-decade points either side of the best
+            if inside(k):
+                trial(k)
+    finally:
+        snapshot.restore()
+        torch.random.set_rng_state(rng)
+        model.train(was_training)
+    candidates = sorted(tried.values(), key=lambda c: c.lr)
+    finite = [c for c in candidates if not c.diverged]
+    chosen = min(finite, key=lambda c: c.held_out_loss).lr if finite else min(c.lr for c in candidates)
+    probe_batch = _batch_size(train_batches[0])
+    return LrSearch(chosen=chosen, candidates=candidates, start_loss=start_loss,
+                    steps_per_candidate=len(train_batches), probe_batch_size=probe_batch,
+                    held_out_batches=len(held_out), seconds=round(time.perf_counter() - t0, 3))
+
+
+def _batch_size(batch: dict) -> int | None:
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.ndim >= 1:
+            return int(value.shape[0])
+    return None
+
+
+# ------------------------------------------------------------------------------------------ curvature
+def hessian_top_eigenvalue(loss: Callable[[], torch.Tensor], params: Sequence[torch.Tensor], *,
+                           multipliers: Sequence[float] | None = None, iterations: int = 20,
+                           tolerance: float = 1e-3, seed: int = 0) -> tuple[float, list[float]]:
+    """The largest-magnitude eigenvalue of ``M^1/2 H M^1/2`` (H: the Hessian of `loss` along `params`,
+    M: one lr multiplier per tensor, 1 by default), by power iteration with Hessian-vector products.
+
+    Returns the eigenvalue and its estimate at every iteration. Each iteration costs one double
+    backward through `loss()`; it stops when two estimates agree within `tolerance` (relative).
+
+    >>> w = torch.zeros(2, requires_grad=True)
+    >>> value, _ = hessian_top_eigenvalue(lambda: 0.5 * (3 * w[0] ** 2 + w[1] ** 2), [w])
+    >>> round(value, 2)
+    3.0
+    """
+    params = list(params)
+    scale = [math.sqrt(m) for m in (multipliers or [1.0] * len(params))]
+    generator = torch.Generator().manual_seed(seed)
+    v = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
+    v = _normalised(v)
+    # The fused CPU/GPU attention kernels have no double backward; the math kernel has.
+    with sdpa_kernel(SDPBackend.MATH):
+        value_loss = loss()
+    grads = torch.autograd.grad(value_loss, params, create_graph=True)
+    history: list[float] = []
+    for _ in range(iterations):
+        scaled = [s * x for s, x in zip(scale, v, strict=True)]
+        dot = sum((g * x).sum() for g, x in zip(grads, scaled, strict=True))
+        hv = torch.autograd.grad(dot, params, retain_graph=True)
+        hv = [s * h.detach() for s, h in zip(scale, hv, strict=True)]
+        estimate = sum((h * x).sum() for h, x in zip(hv, v, strict=True)).item()
+        history.append(estimate)
+        v = _normalised(hv)
+        if len(history) > 1 and abs(history[-1] - history[-2]) <= tolerance * abs(history[-1]):
+            break
+    return history[-1], history
+
+
+def _normalised(vectors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    vectors = list(vectors)
+    norm = math.sqrt(sum(float((x * x).sum()) for x in vectors)) or 1.0
+    return [x / norm for x in vectors]
+
+
+# ------------------------------------------------------------------------------------------ evidence
+def format_lr_search(search: LrSearch) -> str:
+    """The search as text: one line per candidate, the chosen one marked."""
+    lines = [f"lr search: chose {search.chosen:.3g} ({search.rule}); {len(search.candidates)} candidates, "
+             f"{search.steps_per_candidate} steps each of {search.probe_batch_size} examples, "
+             f"{search.held_out_batches} held-out training batches, {search.seconds:.1f} s",
+             f"  {'lr':>10}  {'held-out loss':>13}", f"  {'0 (start)':>10}  {search.start_loss:>13.4f}"]
+    for c in search.candidates:
+        loss = "diverged" if c.diverged else f"{c.held_out_loss:.4f}"
+        lines.append(f"  {c.lr:>10.3g}  {loss:>13}{'  <- chosen' if c.lr == search.chosen else ''}")
+    return "\n".join(lines)
+
+
+def plot_lr_search(search: LrSearch, path: str | Path, title: str = "") -> Path | None:
+    """Held-out loss against lr (log axis), the chosen lr marked; None when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from goraplan.files import atomic_file
+
+    finite = [c for c in search.candidates if not c.diverged]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot([c.lr for c in finite], [c.held_out_loss for c in finite], marker="o")
+    ax.axhline(search.start_loss, color="grey", linestyle="--", linewidth=1, label="before training")
+    ax.axvline(search.chosen, color="tab:red", linewidth=1, label=f"chosen {search.chosen:.3g}")
+    for c in search.candidates:
+        if c.diverged:
+            ax.axvline(c.lr, color="black", linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("held-out training loss")
+    ax.set_title(title or f"lr range test: {search.steps_per_candidate} steps per candidate", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path

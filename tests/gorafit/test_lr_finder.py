@@ -1,0 +1,117 @@
+"""gorafit.lr_finder: the range test picks the known best lr, power iteration finds the known curvature."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from gorafit.lr_finder import (
+    QUARTER_DECADE,
+    LrSearch,
+    find_lr,
+    format_lr_search,
+    hessian_top_eigenvalue,
+    plot_lr_search,
+    probe_steps_for_budget,
+)
+
+
+def _rotation(n: int, seed: int = 0) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q
+
+
+def test_power_iteration_finds_the_largest_eigenvalue_of_a_rotated_quadratic():
+    eigenvalues = torch.tensor([7.0, 3.0, 1.0, 0.5, 0.1], dtype=torch.float64)
+    q = _rotation(5)
+    hessian = q @ torch.diag(eigenvalues) @ q.T
+    w = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    value, history = hessian_top_eigenvalue(lambda: 0.5 * w @ hessian @ w, [w], iterations=200, tolerance=1e-10)
+    assert value == pytest.approx(7.0, rel=1e-6)
+    assert len(history) > 1  # it iterated, it did not guess
+
+
+def test_multipliers_give_the_curvature_the_scaled_steps_see():
+    # loss = 0.5 * (a^2 + 2 b^2): with b's lr at 16x, M^1/2 H M^1/2 = diag(1, 32)
+    a = torch.ones(1, dtype=torch.float64, requires_grad=True)
+    b = torch.ones(1, dtype=torch.float64, requires_grad=True)
+    loss = lambda: 0.5 * (a**2 + 2 * b**2).sum()  # noqa: E731
+    plain, _ = hessian_top_eigenvalue(loss, [a, b], iterations=100, tolerance=1e-12)
+    scaled, _ = hessian_top_eigenvalue(loss, [a, b], multipliers=[1.0, 16.0], iterations=100, tolerance=1e-12)
+    assert plain == pytest.approx(2.0, rel=1e-6)
+    assert scaled == pytest.approx(32.0, rel=1e-6)
+
+
+class _Scalar(nn.Module):
+    """One weight w, loss (w - 1)^2 on every batch: one SGD step at lr from w = 0 lands on 2 lr."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return ((self.w - 1) ** 2).sum() * x.mean()
+
+
+def _scalar_loss(model, batch):
+    return model(batch["x"])
+
+
+def test_range_test_picks_the_known_best_lr_and_puts_the_weights_back():
+    model = _Scalar()
+    batches = [{"x": torch.ones(2)}]
+    search = find_lr(model, lambda lr: torch.optim.SGD(model.parameters(), lr=lr), batches, batches,
+                     max_grad_norm=None, loss_fn=_scalar_loss)
+    # after one step the loss is (2 lr - 1)^2: best at lr 0.5; the candidates are quarter-decades apart
+    assert 0.5 / QUARTER_DECADE < search.chosen < 0.5 * QUARTER_DECADE
+    losses = {c.lr: c.held_out_loss for c in search.candidates}
+    assert all(losses[search.chosen] <= v for v in losses.values())
+    assert model.w.item() == 0.0  # every candidate started from the same weights, and so does the real run
+    assert search.start_loss == pytest.approx(1.0)
+    lrs = [c.lr for c in search.candidates]
+    assert lrs == sorted(lrs) and min(lrs) <= 1e-3 < max(lrs)
+
+
+def test_a_diverging_candidate_is_recorded_and_never_chosen():
+    model = _Scalar()
+    batches = [{"x": torch.ones(2)}] * 3
+
+    def loss_fn(m, batch):  # overshooting w = 1 by 10% blows the loss up: lr 0.56 and above diverge
+        return _scalar_loss(m, batch) * (math.inf if m.w.abs().item() > 1.1 else 1.0)
+
+    search = find_lr(model, lambda lr: torch.optim.SGD(model.parameters(), lr=lr), batches, batches[:1],
+                     max_grad_norm=None, loss_fn=loss_fn, start=0.1)
+    assert any(c.diverged for c in search.candidates)
+    assert not next(c for c in search.candidates if c.lr == search.chosen).diverged
+    assert model.w.item() == 0.0
+
+
+def test_on_a_tiny_lora_model_the_search_is_kept_and_shown(tmp_path):
+    pytest.importorskip("matplotlib")
+    from peft import LoraConfig, get_peft_model
+
+    from tests.tiny import random_batches, tiny_llama
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    batches = random_batches(5, batch_size=4, length=12)
+    search = find_lr(model, lambda lr: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr),
+                     batches[:3], batches[3:])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+    assert search.chosen in [c.lr for c in search.candidates]
+    assert search.steps_per_candidate == 3 and search.held_out_batches == 2 and search.probe_batch_size == 4
+    again = LrSearch.from_dict(json.loads(json.dumps(search.to_dict())))
+    assert again.chosen == search.chosen and len(again.candidates) == len(search.candidates)
+    text = format_lr_search(search)
+    assert "<- chosen" in text and f"{search.chosen:.3g}" in text
+    path = plot_lr_search(search, tmp_path / "lr_search.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_probe_budget_shrinks_with_the_run():
+    assert probe_steps_for_budget(400, 32, 8, 32) > probe_steps_for_budget(94, 32, 8, 32) >= 1
+    assert probe_steps_for_budget(5, 8, 8, 8) == 1
