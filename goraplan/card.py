@@ -14,13 +14,14 @@ written into the card's text, so a plan cannot smuggle terminal escapes or line 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import statistics
 from pathlib import Path
 from typing import Any
 
 from goraplan.errors import GoraError
-from goraplan.hub import PLAN_FILENAME, resolve_plan_source
+from goraplan.hub import PLAN_FILENAME, parse_repo_ref, resolve_plan_source
 from goraplan.plan import Plan, load_plan
 from goraplan.untrusted import printable
 
@@ -86,9 +87,11 @@ def usage_commands(plan: Plan, repo_id: str | None = None, revision: str | None 
     source = f"{repo}@{revision}" if revision else repo
     name = repo.split("/")[-1]
     base = plan.manifest.base_model
-    serve = vllm_serve_command(base.name_or_path, f"out/{name}-adapter", max(plan.ranks.values()), name)
+    # The model name comes from the file: inert (printable) and one shell word (quoted) in a command to paste.
+    serve = vllm_serve_command(shlex.quote(printable(base.name_or_path)), f"out/{name}-adapter",
+                               max(plan.ranks.values()), name)
     if base.revision:
-        serve += f" --revision {base.revision}"
+        serve += f" --revision {shlex.quote(printable(base.revision))}"
     return {
         "train": f"gorafit run {source} -o runs/{name}",
         "export": f"gorafit export runs/{name} --format peft -o out/{name}-adapter",
@@ -187,6 +190,8 @@ def write_card(plan_source: str | os.PathLike, out_dir: str | os.PathLike, *, re
     from goraplan.files import file_sha256, staged_dir, write_json_atomic
     from goraplan.report import plot_ranks
 
+    if repo_id is not None and (parse_repo_ref(repo_id) is None or "@" in repo_id):
+        raise GoraError(f"--repo {repo_id!r} is not a Hub repository id: give OWNER/NAME (the branch goes in --revision).")
     plan_path = resolve_plan_source(plan_source)
     plan = load_plan(plan_path)
     with staged_dir(out_dir, overwrite=overwrite, inputs=[plan_path]) as tmp:
