@@ -97,7 +97,7 @@ def arithmetic_problems(n: int, seed: int, exclude: set[str] = frozenset()) -> l
     negative) and two-digit times one-digit multiplication; none whose prompt is in `exclude`.
 
     >>> arithmetic_problems(3, 0)[0]
-    {'prompt': 'Q: What is 968 plus 636?\\nA:', 'completion': ' 1604', 'answer': 1604}
+    {'prompt': 'Q: What is 964 plus 494?\\nA:', 'completion': ' 1458', 'answer': 1458}
     """
     rng = random.Random(seed)
     out, seen = [], set(exclude)
