@@ -92,11 +92,19 @@ def usage_commands(plan: Plan, repo_id: str | None = None, revision: str | None 
                                max(plan.ranks.values()), name)
     if base.revision:
         serve += f" --revision {shlex.quote(printable(base.revision))}"
+    from goraplan.models import MODEL_ALIASES, is_hub_id
+
+    model = shlex.quote(printable(base.name_or_path))
+    pinned = f"{model} --revision {shlex.quote(printable(base.revision))}" if base.revision else model
+    # A plan built on a local folder names a path that the reader's machine does not have.
+    local = not (is_hub_id(base.name_or_path) or base.name_or_path in MODEL_ALIASES)
+    train_model = " --model YOUR_COPY_OF_THE_BASE_MODEL" if local else ""
     return {
-        "train": f"gorafit run {source} -o runs/{name}",
+        "train": f"gorafit run {source}{train_model} -o runs/{name}",
         "export": f"gorafit export runs/{name} --format peft -o out/{name}-adapter",
         "serve": serve,
-        "ranks_on_your_data": f"goraplan build --ranks-from {source} --data YOUR_DATA -o {name}-yours.gora",
+        "ranks_on_your_data": f"goraplan build --model {'YOUR_COPY_OF_THE_BASE_MODEL' if local else pinned} "
+                              f"--ranks-from {source} --data YOUR_DATA -o {name}-yours.gora",
     }
 
 

@@ -53,7 +53,8 @@ def test_card_folder_holds_plan_card_picture_and_provenance(hub_plan, tmp_path):
     for command in ("gorafit run team-a/sarcasm-plan@v1 -o runs/sarcasm-plan",
                     "gorafit export runs/sarcasm-plan --format peft -o out/sarcasm-plan-adapter",
                     "--model HuggingFaceTB/SmolLM2-135M --enable-lora --max-lora-rank",
-                    "goraplan build --ranks-from team-a/sarcasm-plan@v1"):
+                    "goraplan build --model HuggingFaceTB/SmolLM2-135M --revision " + "a" * 40
+                    + " --ranks-from team-a/sarcasm-plan@v1 --data YOUR_DATA"):
         assert command in card.text, command
     assert plan.sha256 in card.text and "![rank per layer](ranks.png)" in card.text
 
@@ -73,7 +74,8 @@ def test_local_model_and_data_are_not_claimed_as_hub_ids(tmp_path):
     data = ModelCard.load(write_card(plan, tmp_path / "card") / "README.md").data.to_dict()
     assert "base_model" not in data and "datasets" not in data
     assert data["gora"]["base_model"] == str(tmp_path / "my-model")
-    assert "gorafit run OWNER/NAME" in (tmp_path / "card" / "README.md").read_text()
+    text = (tmp_path / "card" / "README.md").read_text()
+    assert "gorafit run OWNER/NAME --model YOUR_COPY_OF_THE_BASE_MODEL -o runs/NAME" in text
 
 
 def test_strings_from_the_plan_are_written_inert(tmp_path):
