@@ -20,6 +20,7 @@ from torch import nn
 from goraplan import distributed, sharded
 from goraplan.allocate import allocate_ranks, lora_budget
 from goraplan.errors import GoraError
+from goraplan.fingerprint import WeightDigests, weight_digests
 from goraplan.gradients import GradientResult, accumulate_gradients
 from goraplan.importance import importance, normalise, sensitivity_sum
 from goraplan.init import GoraInit, lora_scaling, solve_init
@@ -35,7 +36,7 @@ from goraplan.plan import (
 )
 from goraplan.settings import PlanSettings
 from goraplan.step_size import StepSizeSearch, search_step_size
-from goraplan.targets import find_target_modules, tensor_digest, weight_fingerprint
+from goraplan.targets import find_target_modules, weight_fingerprint
 
 
 def module_generator(seed: int, module: str) -> torch.Generator:
@@ -180,7 +181,7 @@ def assemble_manifest(
             revision=model_revision or getattr(config, "_commit_hash", None),
             architecture=type(model).__name__.removeprefix("FSDP"),
             dtype=str(_planning_dtype(model, modules)).removeprefix("torch."),
-            fingerprint=weight_fingerprint(modules, digests),
+            fingerprint=weight_fingerprint(modules, {name: d.exact for name, d in digests.items()}),
         ),
         task=settings.task,
         labels=labels,
@@ -195,7 +196,8 @@ def assemble_manifest(
             ModulePlan(
                 name=name, shape=(m.out_features, m.in_features), rank=ranks[name], importance=scores[name],
                 share=shares[name], params=ranks[name] * costs[name],
-                scaling=lora_scaling(settings.alpha, ranks[name]), weight_sha256=digests[name],
+                scaling=lora_scaling(settings.alpha, ranks[name]), weight_sha256=digests[name].exact,
+                weight_sha256_rounded=digests[name].rounded,
             )
             for name, m in modules.items()
         ],
@@ -241,11 +243,11 @@ def _planning_dtype(model: nn.Module, modules: dict[str, nn.Linear]) -> torch.dt
     return next(iter(modules.values())).weight.dtype
 
 
-def _weight_digests(model: nn.Module, modules: dict[str, nn.Linear]) -> dict[str, str]:
-    """sha256 of each target weight at the planning dtype (a sharded weight is gathered one module at a
-    time, so it hashes as the same weights loaded whole)."""
+def _weight_digests(model: nn.Module, modules: dict[str, nn.Linear]) -> dict[str, WeightDigests]:
+    """sha256 of each target weight at the planning dtype and rounded to coarser ones (a sharded weight is
+    gathered one module at a time, so it hashes as the same weights loaded whole)."""
     dtype = _planning_dtype(model, modules)
-    return {name: tensor_digest(sharded.full_weight(m, dtype)) for name, m in modules.items()}
+    return {name: weight_digests(sharded.full_weight(m, dtype)) for name, m in modules.items()}
 
 
 @contextmanager

@@ -186,8 +186,8 @@ def validate(plan_path, model_name, dtype):
         model, _ = load_model(model_name, plan.manifest.task, dtype=dtype,
                               num_labels=len(plan.manifest.labels) if plan.manifest.labels else None,
                               label_names=plan.manifest.labels)
-        check_model_matches(plan, model)
-        click.echo(f"{model_name}: matches the plan (shapes and weight fingerprint)")
+        note = check_model_matches(plan, model)
+        click.echo(f"{model_name}: matches the plan (shapes and weight fingerprint{'; ' + note if note else ''})")
 
 
 @cli.command()

@@ -76,6 +76,11 @@ class ModulePlan(_Strict):
     params: int = Field(description="Adapter parameters: rank * (out + in).")
     scaling: float = Field(description="alpha / sqrt(rank) (rsLoRA).")
     weight_sha256: str = Field(description="sha256 of the base weight's float32 bytes.")
+    weight_sha256_rounded: dict[str, str] = Field(
+        default_factory=dict,
+        description="sha256 of the base weight rounded to each coarser dtype (bfloat16, float16), as float32 "
+        "bytes: a lower-precision load of the same checkpoint matches it (absent in older plans).",
+    )
 
 
 class RanksSource(_Strict):
