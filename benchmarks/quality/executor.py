@@ -120,7 +120,7 @@ def run_grid(mode: Mode, command: list[str], *, max_minutes: float | None = None
         done += 1
         say(f"[quality]   acc {record['accuracy']:.4f}  loss {record['eval_loss']:.4f}  lr {record['lr_used']:.3g}  "
             f"collapsed={record['collapsed']}  train {record['train_s']:.0f}s  auto {record['auto_s']:.0f}s  "
-            f"setup {record['setup_s']:.0f}s  eval {record['eval_s']:.0f}s")
+            f"setup {record['setup_s']:.0f}s  eval {record['eval_s']:.0f}s  CPU {record['cpu_s']:.0f}s")
     say(f"[quality] {done} runs done, {failed} failed in {(time.time() - started) / 60:.1f} min")
     return {"done": done, "failed": failed}
 

@@ -289,18 +289,20 @@ def adapter_delta_norm(model: nn.Module) -> float | None:
 # ---------------------------------------------------------------------------------------------------- one run
 def train_and_evaluate(wl: Workload, spec: RunSpec, *, log_every: int = 1) -> dict:
     """Train `spec.method` for one epoch of `wl` at `spec.lr` (or the range test's lr) with `spec.seed`."""
+    cpu0 = time.process_time()  # CPU seconds: on a shared machine they, not wall seconds, measure cost
     batches = epoch_batches(wl, spec.seed)
     setup, setup_s = prepare(wl, spec)
     model = setup.model
     trainable = sum(p.numel() for p in _trainable(model))
 
     # ---- lr: the spec's, or the range test's on training batches only
-    search, auto_s = None, 0.0
+    search, auto_s, auto_cpu_s = None, 0.0, 0.0
     lr = spec.lr
     if spec.auto:
+        cpu_auto = time.process_time()
         probe_train, probe_held = probe_batches(wl, spec.seed)
         search = find_lr(model, setup.make_optimizer, probe_train, probe_held, max_grad_norm=MAX_GRAD_NORM)
-        lr, auto_s = search.chosen, search.seconds
+        lr, auto_s, auto_cpu_s = search.chosen, search.seconds, time.process_time() - cpu_auto
 
     # ---- optimizer: AdamW, cosine decay with 3% warm-up over one epoch
     optimizer = setup.make_optimizer(lr)
@@ -311,7 +313,7 @@ def train_and_evaluate(wl: Workload, spec: RunSpec, *, log_every: int = 1) -> di
     # ---- one epoch
     model.train()
     losses: list[float] = []
-    t_train = time.perf_counter()
+    t_train, cpu_train = time.perf_counter(), time.process_time()
     for step, batch in enumerate(batches):
         loss = model(**batch).loss
         loss.backward()
@@ -321,7 +323,7 @@ def train_and_evaluate(wl: Workload, spec: RunSpec, *, log_every: int = 1) -> di
         optimizer.zero_grad(set_to_none=True)
         if step % log_every == 0 or step == steps - 1:
             losses.append(round(loss.item(), 5))
-    train_s = time.perf_counter() - t_train
+    train_s, train_cpu_s = time.perf_counter() - t_train, time.process_time() - cpu_train
 
     # ---- held-out evaluation
     t_eval = time.perf_counter()
@@ -344,7 +346,10 @@ def train_and_evaluate(wl: Workload, spec: RunSpec, *, log_every: int = 1) -> di
         "auto_s": round(auto_s, 3),
         "train_s": round(train_s, 3),
         "eval_s": round(eval_s, 3),
-        "auto_share": round(auto_s / train_s, 4) if search else None,
+        "auto_cpu_s": round(auto_cpu_s, 3),
+        "train_cpu_s": round(train_cpu_s, 3),
+        "cpu_s": round(time.process_time() - cpu0, 3),  # the whole run: setup, auto, training, evaluation
+        "auto_share": round(auto_cpu_s / train_cpu_s, 4) if search else None,  # in CPU seconds
         "lr_search": search.to_dict() if search else None,
         "train_loss": losses,
         "train_loss_first": losses[0] if losses else None,

@@ -141,14 +141,15 @@ def cost_table(cells: Cells, methods: list[Method]) -> str:
         if not auto:
             rows.append([m.name, "-", "-", "-", "-"])
             continue
-        a = [r["auto_s"] for r in auto]
-        t = [r["train_s"] for r in auto]
-        shares = [r["auto_s"] / r["train_s"] for r in auto]
+        a = [r["auto_cpu_s"] for r in auto]
+        t = [r["train_cpu_s"] for r in auto]
+        shares = [r["auto_share"] for r in auto]
         ncand = [len(r["lr_search"]["candidates"]) for r in auto]
         rows.append([m.name, f"{statistics.fmean(a):.1f}", f"{statistics.fmean(t):.1f}",
                      f"{100 * statistics.fmean(shares):.1f}% (max {100 * max(shares):.1f}%)",
                      f"{statistics.fmean(ncand):.1f} x {auto[0]['lr_search']['steps_per_candidate']} steps"])
-    return _table(["method", "auto s (mean)", "training s (mean)", "auto / training", "candidates x steps"], rows)
+    return _table(["method", "auto CPU s (mean)", "training CPU s (mean)", "auto / training (CPU)",
+                   "candidates x steps"], rows)
 
 
 def curvature_table(mode: Mode, wl: str, cells: Cells, methods: list[Method]) -> str:
@@ -209,7 +210,7 @@ def plot(cells: Cells, methods: list[Method], key: str, ylabel: str, path: Path)
 
 # ---------------------------------------------------------------------------------------------------- sizing
 def sizing(mode: Mode, records: list[dict]) -> str:
-    """Measured seconds per run (setup + auto + train + eval) per workload and method, and what the rest costs."""
+    """Measured CPU seconds per run (setup, auto, training, evaluation) per method, and what the rest costs."""
     rows, total_left = [], 0.0
     left = todo(mode)
     for wl, methods in (("nlu", mode.nlu_methods), ("nlg", mode.nlg_methods)):
@@ -218,12 +219,12 @@ def sizing(mode: Mode, records: list[dict]) -> str:
             if not mine:
                 rows.append([wl, m.name, "-", sum(1 for _, s in left if s.workload == wl and s.label == m.key), "-"])
                 continue
-            sec = statistics.fmean(r["setup_s"] + r["auto_s"] + r["train_s"] + r["eval_s"] for r in mine)
+            sec = statistics.fmean(r["cpu_s"] for r in mine)
             n_left = sum(1 for _, s in left if s.workload == wl and s.label == m.key)
             total_left += sec * n_left
             rows.append([wl, m.name, f"{sec:.0f}", n_left, f"{sec * n_left / 3600:.2f}"])
     unknown = sum(1 for r in rows if r[2] == "-" and r[3])
-    text = _table(["workload", "method", "measured s per run (mean)", "runs left", "CPU hours left"], rows)
+    text = _table(["workload", "method", "measured CPU s per run (mean)", "runs left", "CPU hours left"], rows)
     text += (f"\n\nRuns left: {len(left)}; at the measured rates they need **{total_left / 3600:.1f} CPU hours** "
              f"(one thread each){'' if not unknown else f', plus {unknown} methods not measured yet'}; on 2 workers "
              f"that is {total_left / 7200:.1f} hours of wall time on an otherwise idle 2-core machine.")
@@ -269,7 +270,8 @@ def write_report(mode: Mode, stamp: dict) -> Path:
         f"seconds it took are measured below.",
         f"- **Collapse**: a run that predicts one class (NLU) or one answer string (NLG) for at least "
         f"{COLLAPSE_SHARE:.0%} of the test set.",
-        "- Times are wall seconds of one thread on a 2-core machine shared with other jobs: compare them loosely.",
+        "- Costs are CPU seconds of the run's one thread (`time.process_time`): on a machine shared with other "
+        "jobs wall seconds stretch with the load, CPU seconds much less.",
     ]
     metrics = {"nlu": [("accuracy", False, 100, 2, "accuracy %")],
                "nlg": [("accuracy", False, 100, 2, "exact match %"), ("eval_loss", True, 1, 4, "completion loss")]}
