@@ -40,8 +40,8 @@ def is_main() -> bool:
 
 
 def launched() -> bool:
-    """Whether torchrun (or any launcher that sets ``WORLD_SIZE``) started more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Whether torchrun (or another launcher that sets ``WORLD_SIZE``) started this process."""
+    return "WORLD_SIZE" in os.environ
 
 
 def device() -> torch.device:
@@ -52,9 +52,8 @@ def device() -> torch.device:
 
 
 def init_if_launched() -> int:
-    """Join the process group that the launcher set up (NCCL on CUDA, gloo on the CPU); return this rank.
-
-    A single process started without a launcher stays alone and gets rank 0.
+    """Join the process group that the launcher set up (NCCL on CUDA, gloo on the CPU), of any size;
+    return this rank. A process started without a launcher stays alone and gets rank 0.
     """
     if not launched():
         return 0
