@@ -1,7 +1,7 @@
 """A plan on a model: the standard PEFT LoRA adapter the plan describes, with the plan's initial A and B.
 
 The adapter is plain PEFT: ``LoraConfig(r=r0, lora_alpha=alpha, use_rslora=True, rank_pattern=...)``,
-so module i adds ``s_i * B_i @ A_i`` with ``s_i = alpha / sqrt(r_i)`` (GORA.md, stage 1, step 5) to its
+so module i adds ``s_i * B_i @ A_i`` with ``s_i = alpha / sqrt(r_i)`` (docs/method.md §4) to its
 untouched base weight. Only the values of A and B differ from a fresh LoRA: they are the plan's.
 """
 

@@ -1,31 +1,33 @@
 """Every setting of `gorafit run`, validated up front and recorded in the run folder's ``run.json``.
 
 Names follow Hugging Face ``TrainingArguments`` wherever one exists, so a ``train.yaml`` reads like the
-arguments people already know. ``None`` means "take it from the plan" (model, data, max length, seed).
+arguments people already know, and any other ``TrainingArguments`` field (``warmup_steps``,
+``load_best_model_at_end``, ``report_to``, ...) is accepted beside gorafit's own settings and handed to
+transformers, which validates it. ``None`` means "take it from the plan" (model, data, max length, seed).
+The `gorafit run` options are generated from `TrainSettings` (goraplan.cli_options).
 """
 
 from __future__ import annotations
 
 import difflib
-import json
+import functools
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from goraplan.errors import GoraError
+from gorafit.optim import LR_B_MAX_DEFAULT, LR_RATIO_DEFAULT, WEIGHT_DECAY_DEFAULT, effective_lr_ratio
+from goraplan.errors import GoraError, first_line
 from goraplan.settings import validation_summary
 
 __all__ = ["SETTING_ALIASES", "TrainSettings", "load_config_file", "make_train_settings"]
 
-# From benchmarks/results/quality (MiniLM-L6 and SmolLM2-135M, one epoch, 3 and 2 seeds). GoRA collapsed
-# in every NLU run whose lora_B lr was 1.2e-2 or more (x16 at lr >= 1e-3, x4 at lr 3e-3). Capping B's lr
-# at 5e-3 still let 1 of 3 seeds collapse at lr 1e-3; at 3e-3 none did at any lr <= 1e-3 (NLU and NLG),
-# at a cost within the seed spread at lr 3e-4 (GoRA's best x16 cell). At lr 3e-3 even plain x1 lost a seed.
-LR_B_MAX_DEFAULT = 3e-3  # the cap gorafit applies by default
-MEASURED_STABLE_B_LR = 5e-3  # warn above this B lr ...
-MEASURED_STABLE_LR = 1e-3  # ... or above this lr
+# docs/method.md §10: GoRA trained stably in the quality benchmark at B learning rates up to this and
+# learning rates up to MEASURED_STABLE_LR; beyond either, `gorafit run` warns.
+MEASURED_STABLE_B_LR = 5e-3
+MEASURED_STABLE_LR = 1e-3
 
 # Short names accepted in a config file as on the command line (--lr, --epochs, ...).
 SETTING_ALIASES = {
@@ -36,61 +38,71 @@ SETTING_ALIASES = {
     "grad_accum": "gradient_accumulation_steps",
     "overwrite": "overwrite_output_dir",
 }
+DType = Literal["float32", "bfloat16", "float16"]
+FsdpOption = Literal["full_shard", "shard_grad_op", "offload", "auto_wrap"]
+FSDP_OPTIONS: tuple[str, ...] = typing.get_args(FsdpOption)
 
 
 class TrainSettings(BaseModel):
-    """Settings of `gorafit run` (GoRA stage 2). Unknown keys are errors.
+    """Settings of `gorafit run` (GoRA stage 2): gorafit's own, and any other ``TrainingArguments`` field.
+
+    A key that is neither is an error; a ``TrainingArguments`` field that is not a gorafit setting lands in
+    ``training_arguments`` and reaches transformers as given.
 
     >>> TrainSettings(learning_rate=2e-4).lr_ratio
     16.0
+    >>> TrainSettings(warmup_steps=10, run_name="a").training_arguments
+    {'warmup_steps': 10, 'run_name': 'a'}
     """
 
     model_config = ConfigDict(extra="forbid")
 
     # -- base model
-    model: str | None = Field(None, description="Base model (Hub id, folder or alias); default: the plan's.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype the base model is loaded in.")
+    model: str | None = Field(None, description="Base model (Hub id, folder or built-in alias); default: the plan's.")
+    dtype: DType = Field("float32", description="dtype the base model is loaded in.")
     trust_remote_code: bool = Field(False, description="Allow model code from the Hub.")
-    ignore_fingerprint: bool = Field(False, description="Train even if the base weights differ from the plan's.")
+    ignore_fingerprint: bool = Field(False, description="Train even if the base weights differ from the ones the "
+                                     "plan was built on.")
 
     # -- data
-    data: str | None = Field(None, description="Training data (alias, file, folder, Hub name); default: the plan's.")
-    data_split: str | None = Field(None, description="Split of --data; default: the plan's calibration split or train.")
+    data: str | None = Field(None, description="Training data (alias, jsonl/json/csv/parquet file, folder, Hub name); "
+                             "default: the plan's calibration data.")
+    data_split: str | None = Field(None, description="Split of --data; default: the plan's split, or train.")
     eval_data: str | None = Field(None, description="Evaluation data; default: hold out --eval-fraction of --data.")
-    eval_split: str | None = Field(None, description="Split of --eval-data; default: test if it has one, else train.")
-    eval_fraction: float = Field(0.05, ge=0, lt=1, description="Share of --data held out when no --eval-data (0: none).")
+    eval_split: str | None = Field(None, description="Split of --eval-data; default: test when it has one, else train.")
+    eval_fraction: float = Field(0.05, ge=0, lt=1, description="Share of --data held out for evaluation when there "
+                                 "is no --eval-data; 0: none.")
     max_length: int | None = Field(None, ge=2, description="Tokens per example at most; default: the plan's.")
-    max_train_samples: int | None = Field(None, ge=1, description="Use at most this many training examples.")
-    max_eval_samples: int | None = Field(None, ge=1, description="Use at most this many evaluation examples.")
+    max_train_samples: int | None = Field(None, ge=1, description="Use at most this many examples of --data (before "
+                                          "the eval share is held out).")
+    max_eval_samples: int | None = Field(None, ge=1, description="Use at most this many eval examples.")
 
     # -- run folder
     output_dir: str | None = Field(None, description="Run folder; default: runs/<plan name>.")
     overwrite_output_dir: bool = Field(False, description="Replace a previous run in the output folder.")
     resume: bool = Field(False, description="Continue from the last complete checkpoint in the output folder.")
 
-    # -- optimisation (paper: AdamW, cosine, 3% warmup, B at 16 x the lr of A)
-    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate of every lora_A and the head.")
-    lr_ratio: float = Field(16.0, gt=0, description="LoRA+ ratio: every lora_B trains at lr_ratio x learning_rate.")
-    lr_b_max: float | None = Field(
-        LR_B_MAX_DEFAULT,
-        gt=0,
-        description="Cap on lora_B's learning rate: B trains at min(lr_ratio x lr, lr_b_max) but not below lr; "
-        "None: no cap. The default 3e-3 comes from benchmarks/results/quality (see LR_B_MAX_DEFAULT).",
-    )
-    num_train_epochs: float = Field(1.0, gt=0, description="Epochs over the training data (unless max_steps > 0).")
-    max_steps: int = Field(-1, description="Optimizer steps in all; overrides num_train_epochs when > 0.")
-    per_device_train_batch_size: int = Field(8, ge=1, description="Examples per device per forward pass.")
-    per_device_eval_batch_size: int | None = Field(None, ge=1, description="Default: the train batch size.")
+    # -- optimisation (paper: AdamW, cosine, 3% warmup, B at 16 x the lr of A; docs/method.md §6)
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate of lora_A and the head.")
+    lr_ratio: float = Field(LR_RATIO_DEFAULT, gt=0, description="LoRA+: every lora_B trains at this times the "
+                            "learning rate (the paper's).")
+    lr_b_max: float | None = Field(LR_B_MAX_DEFAULT, gt=0, description="Cap on lora_B's learning rate (never below "
+                                   "the learning rate), or none; docs/method.md §8.")
+    num_train_epochs: float = Field(1.0, gt=0, description="Epochs over the data (unless --max-steps > 0).")
+    max_steps: int = Field(-1, description="Optimizer steps in all; overrides --num-train-epochs when > 0.")
+    per_device_train_batch_size: int = Field(8, ge=1, description="Examples per device per step.")
+    per_device_eval_batch_size: int | None = Field(None, ge=1, description="Examples per device per eval step; "
+                                                   "default: the train batch size.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Forward passes per optimizer step.")
-    weight_decay: float = Field(5e-4, ge=0, description="AdamW weight decay (the paper's 5e-4).")
+    weight_decay: float = Field(WEIGHT_DECAY_DEFAULT, ge=0, description="AdamW weight decay (the paper's).")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of the steps spent warming up the lr.")
     lr_scheduler_type: str = Field("cosine", description="transformers scheduler name: cosine, linear, constant, ...")
-    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0: none).")
-    optim: str = Field("adamw_torch", description="transformers optimizer name (an AdamW by default).")
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.999, ge=0, lt=1)
-    adam_epsilon: float = Field(1e-8, gt=0)
-    seed: int | None = Field(None, description="Seed of data order and dropout; default: the plan's seed.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0: none.")
+    optim: str = Field("adamw_torch", description="transformers optimizer name (an AdamW keeps the LoRA+ groups).")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    seed: int | None = Field(None, description="Seed of data order and dropout; default: the plan's.")
 
     # -- precision and memory
     bf16: bool = Field(False, description="bfloat16 mixed precision.")
@@ -98,19 +110,42 @@ class TrainSettings(BaseModel):
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
 
     # -- logging, evaluation, checkpoints
-    logging_steps: float = Field(10, gt=0, description="Log every N steps (a float < 1: that share of the run).")
+    logging_steps: float = Field(10, gt=0, description="Log every N steps (below 1: that share of the run).")
     eval_steps: float | None = Field(None, gt=0, description="Evaluate every N steps; default: 10 times per run.")
-    eval_on_start: bool = Field(True, description="Evaluate once before the first step (the plan's starting point).")
-    save_steps: float = Field(0.25, gt=0, description="Checkpoint every N steps (a float < 1: that share of the run).")
+    eval_on_start: bool = Field(True, description="Evaluate before the first step (the plan's starting point).")
+    save_steps: float = Field(0.25, gt=0, description="Checkpoint every N steps (below 1: that share of the run).")
     save_total_limit: int | None = Field(3, ge=1, description="Keep at most this many checkpoints.")
-    report_to: str = Field("auto", description="auto (TensorBoard when installed), none, or a comma list.")
+    report_to: str | list[str] = Field("auto", description="auto (TensorBoard when installed), none, or a (comma) "
+                                       "list of integrations.")
     disable_tqdm: bool = Field(False, description="Hide the progress bar.")
-    dataloader_num_workers: int = Field(0, ge=0)
+    dataloader_num_workers: int = Field(0, ge=0, description="Processes loading batches; 0: the main one.")
 
     # -- several processes
-    fsdp: str | None = Field(None, description="FSDP2 options: full_shard (default), shard_grad_op, offload.")
-    fsdp_config: dict[str, Any] | str | None = Field(None, description="FSDP config dict or JSON file.")
-    deepspeed: str | None = Field(None, description="DeepSpeed JSON file, or zero2 / zero3 for the shipped configs.")
+    fsdp: str | None = Field(None, description='FSDP2 (under torchrun): --fsdp alone shards fully; or options '
+                             f'"full_shard offload" ({", ".join(FSDP_OPTIONS)}).')
+    fsdp_config: dict[str, Any] | str | None = Field(None, description="FSDP config JSON file (or dict).")
+    deepspeed: str | None = Field(None, description="DeepSpeed config JSON, or zero2 / zero3 for the configs shipped "
+                                  "with gorafit.")
+
+    # -- every other TrainingArguments field, as given
+    training_arguments: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Other TrainingArguments fields (eval_strategy, load_best_model_at_end, run_name, ...), passed "
+        "to transformers as given; they win over what gorafit derives from its own settings.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _training_arguments_aside(cls, values: Any) -> Any:
+        """Move TrainingArguments fields that are not gorafit settings into ``training_arguments``."""
+        if not isinstance(values, dict):
+            return values
+        own, passed, unknown = sort_keys(values)
+        if unknown:
+            raise ValueError(unknown_keys_message(unknown))
+        if passed:
+            own["training_arguments"] = {**own.get("training_arguments", {}), **passed}
+        return own
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainSettings:
@@ -127,12 +162,45 @@ class TrainSettings(BaseModel):
             unknown = [o for o in self.fsdp.replace(",", " ").split() if o not in FSDP_OPTIONS]
             if unknown:
                 problems.append(f"unknown fsdp option {unknown[0]!r}; use {', '.join(FSDP_OPTIONS)}")
+        if "output_dir" in self.training_arguments:
+            problems.append("set the run folder with output_dir, not inside training_arguments")
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
 
-FSDP_OPTIONS = ("full_shard", "shard_grad_op", "offload", "auto_wrap")
+@functools.cache
+def training_arguments_fields() -> frozenset[str]:
+    """Every field of transformers' `TrainingArguments` (imported only when a key needs it)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    return frozenset(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
+
+
+def sort_keys(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """Split settings into gorafit's own, other ``TrainingArguments`` fields, and unknown keys."""
+    own, passed, unknown = {}, {}, []
+    for key, value in values.items():
+        if key in TrainSettings.model_fields:
+            own[key] = value
+        elif key in training_arguments_fields():
+            passed[key] = value
+        else:
+            unknown.append(key)
+    return own, passed, unknown
+
+
+def unknown_keys_message(keys: list[str]) -> str:
+    """``unknown setting 'learning_rat' (did you mean 'learning_rate'?)``, for each key."""
+    known = sorted(set(TrainSettings.model_fields) | set(SETTING_ALIASES) | training_arguments_fields())
+    hints = []
+    for key in keys:
+        close = difflib.get_close_matches(str(key).replace("-", "_"), known, n=1)
+        hints.append(f"{str(key)!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return (f"unknown setting {', '.join(hints)}: neither a gorafit setting nor a TrainingArguments field "
+            "(see gorafit run --help)")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -148,7 +216,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise GoraError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise GoraError(f"config file {path} is not valid YAML ({first_line(exc)})") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -158,22 +226,15 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 def normalise_keys(values: dict[str, Any], *, where: str = "settings") -> dict[str, Any]:
     """Dashes to underscores, short aliases to full names; unknown keys raise one error naming each."""
-    known = set(TrainSettings.model_fields)
-    out: dict[str, Any] = {}
-    unknown = []
+    out, given_as = {}, {}
     for key, value in values.items():
         name = str(key).strip().replace("-", "_")
         name = SETTING_ALIASES.get(name, name)
-        if name not in known:
-            unknown.append(str(key))
-            continue
-        out[name] = value
+        out[name], given_as[name] = value, str(key)
+    _, _, unknown = sort_keys(out)
     if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key.replace("-", "_"), sorted(known | set(SETTING_ALIASES)), n=1)
-            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise GoraError(f"unknown setting {', '.join(hints)} in {where}; see gorafit run --help for the settings")
+        message = unknown_keys_message([given_as[name] for name in unknown])
+        raise GoraError(message.replace(": neither", f" in {where}: neither", 1))
     return out
 
 
@@ -191,21 +252,6 @@ def make_train_settings(file_values: dict[str, Any] | None = None, **overrides: 
         return TrainSettings(**values)
     except ValidationError as exc:
         raise GoraError("invalid training settings: " + validation_summary(exc)) from None
-
-
-def effective_lr_ratio(learning_rate: float, lr_ratio: float, lr_b_max: float | None) -> float:
-    """The B/A ratio after the cap on lora_B's learning rate: ``min(lr_ratio, max(1, lr_b_max / lr))``.
-
-    >>> effective_lr_ratio(1e-4, 16, 5e-3)   # below the cap: the ratio as given
-    16
-    >>> effective_lr_ratio(1e-3, 16, 5e-3)   # B capped at 5e-3
-    5.0
-    >>> effective_lr_ratio(1e-2, 16, 5e-3)   # never below lr
-    1.0
-    """
-    if lr_b_max is None:
-        return lr_ratio
-    return min(lr_ratio, max(1.0, lr_b_max / learning_rate))
 
 
 def learning_rate_warning(settings: TrainSettings) -> str | None:
@@ -230,4 +276,4 @@ def learning_rate_warning(settings: TrainSettings) -> str | None:
 
 def settings_json(settings: TrainSettings) -> dict[str, Any]:
     """The settings as plain JSON values (for ``run.json``)."""
-    return json.loads(settings.model_dump_json())
+    return settings.model_dump(mode="json")

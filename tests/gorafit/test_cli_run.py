@@ -150,7 +150,7 @@ def test_learning_rate_warning_follows_the_measured_stable_range(lr, ratio, cap,
                                                    (3e-3, 16, 5e-3, 5 / 3), (1e-2, 16, 5e-3, 1), (1e-2, 0.5, 5e-3, 0.5),
                                                    (1e-3, 16, None, 16)])
 def test_the_cap_on_lora_b_learning_rate(lr, ratio, cap, expected):
-    from gorafit.settings import effective_lr_ratio
+    from gorafit.optim import effective_lr_ratio
 
     assert effective_lr_ratio(lr, ratio, cap) == pytest.approx(expected)
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import goraplan
-from gorafit.train import verify_adapter
+from gorafit.adapter_check import check_saved_adapter
 from tests.gorafit.test_train import (
     adapter_tensors,
     gorafit_command,
@@ -106,8 +106,8 @@ def test_deepspeed_zero3_keeps_the_lora_plus_groups_and_saves_the_whole_adapter(
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((run / "run.json").read_text())["parallelism"]["mode"] == "deepspeed-zero3"
     plan = goraplan.load_plan(inputs["plan"])
-    verify_adapter(run / "adapter", plan)
-    verify_adapter(run / "checkpoint-4", plan)
+    check_saved_adapter(run / "adapter", plan)
+    check_saved_adapter(run / "checkpoint-4", plan)
     difference = max_difference(adapter_tensors(single_run), adapter_tensors(run))
     print(f"DeepSpeed ZeRO-3 (2 x 4) vs one process (8): max |adapter difference| = {difference:.3g}")
     assert difference <= 1e-5  # lora_B at 16 x the lr survived DeepSpeed's optimizer wrapper
@@ -149,8 +149,8 @@ def test_fsdp2_keeps_the_lora_plus_groups_and_saves_the_whole_adapter(inputs, si
     parallelism = json.loads((run / "run.json").read_text())["parallelism"]
     assert parallelism["mode"] == "fsdp2" and parallelism["fsdp_sharded_modules"] > 1
     plan = goraplan.load_plan(inputs["plan"])
-    verify_adapter(run / "adapter", plan)
-    verify_adapter(run / "checkpoint-4", plan)
+    check_saved_adapter(run / "adapter", plan)
+    check_saved_adapter(run / "checkpoint-4", plan)
     difference = max_difference(adapter_tensors(single_run), adapter_tensors(run))
     print(f"FSDP2 (2 x 4) vs one process (8): max |adapter difference| = {difference:.3g}")
     assert difference <= 1e-5

@@ -16,14 +16,11 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainingArguments
 
 import goraplan
-from gorafit import GoraTrainer, TrainSettings, apply_plan, train
-from gorafit.train import (
-    deepspeed_config_path,
-    fsdp_arguments,
-    last_complete_checkpoint,
-    lora_plus_param_groups,
-    verify_adapter,
-)
+from gorafit import GoraTrainer, TrainSettings, apply_plan, run_folder, train
+from gorafit.adapter_check import check_saved_adapter
+from gorafit.optim import lora_plus_param_groups
+from gorafit.run_folder import last_complete_checkpoint
+from gorafit.training_args import deepspeed_config_path, fsdp_arguments
 from goraplan.errors import GoraError
 from tests.tiny import WORDS, make_tokenizer, random_batches, sentences, tiny_bert_cls, tiny_llama
 
@@ -164,11 +161,11 @@ def test_run_folder_holds_adapter_checkpoints_logs_and_record(causal_inputs, tmp
     plan = goraplan.load_plan(causal_inputs["plan"])
 
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
-    shapes = verify_adapter(out / "adapter", plan)
+    shapes = check_saved_adapter(out / "adapter", plan)
     assert len([k for k in shapes if ".lora_" in k]) == 2 * len(plan.manifest.modules)
     assert not (out / "adapter" / "training_args.bin").exists()  # no pickle beside the adapter
-    gora = json.loads((out / "adapter" / "gora.json").read_text())
-    assert gora["plan_sha256"] == plan.sha256
+    run_of_adapter = run_folder.run_of_adapter(out / "adapter")  # the adapter leads to its run and plan
+    assert run_of_adapter == out and run_folder.plan_sha256(run_folder.read_record(out)) == plan.sha256
 
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "completed" and record["plan"]["sha256"] == plan.sha256
@@ -209,7 +206,7 @@ def test_classification_run_reports_accuracy_and_saves_the_head(cls_inputs, tmp_
     tensors = adapter_tensors(out)
     assert "base_model.model.classifier.weight" in tensors
     record = json.loads((out / "run.json").read_text())
-    assert record["labels"] == LABELS and record["data"]["label_names"] == LABELS
+    assert run_folder.label_names(record) == LABELS and record["data"]["label_names"] == LABELS
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed")
@@ -221,18 +218,18 @@ def test_tensorboard_logs_when_installed(causal_inputs, tmp_path):
     assert json.loads((out / "run.json").read_text())["training_arguments"]["report_to"] == ["tensorboard"]
 
 
-def test_verify_adapter_refuses_an_empty_or_sharded_save(causal_inputs, tmp_path):
+def test_check_saved_adapter_refuses_an_empty_or_sharded_save(causal_inputs, tmp_path):
     plan = goraplan.load_plan(causal_inputs["plan"])
     folder = tmp_path / "adapter"
     folder.mkdir()
     with pytest.raises(GoraError, match="was not saved"):
-        verify_adapter(folder, plan)
+        check_saved_adapter(folder, plan)
     full = {}
     for m in plan.manifest.modules:
         full[f"base_model.model.{m.name}.lora_A.weight"] = plan.lora_a(m.name)
         full[f"base_model.model.{m.name}.lora_B.weight"] = plan.lora_b(m.name)
     save_file(full, str(folder / "adapter_model.safetensors"))
-    verify_adapter(folder, plan)
+    check_saved_adapter(folder, plan)
     # ZeRO-3 without gathering writes empty placeholders; FSDP without a full state dict writes shards
     first = plan.manifest.modules[0].name
     for broken in ({**full, f"base_model.model.{first}.lora_A.weight": torch.empty(0)},
@@ -240,10 +237,10 @@ def test_verify_adapter_refuses_an_empty_or_sharded_save(causal_inputs, tmp_path
                    {k: v for k, v in full.items() if not k.endswith("lora_B.weight")}):
         save_file(broken, str(folder / "adapter_model.safetensors"))
         with pytest.raises(GoraError, match="incomplete"):
-            verify_adapter(folder, plan)
+            check_saved_adapter(folder, plan)
     save_file(full, str(folder / "adapter_model.safetensors"))
     with pytest.raises(GoraError, match="head classifier is missing"):
-        verify_adapter(folder, plan, head="classifier")
+        check_saved_adapter(folder, plan, head="classifier")
 
 
 # ---------------------------------------------------------------------------------------------------- resume

@@ -1,0 +1,293 @@
+"""GoRA stage 2, the recipe: ordinary LoRA training of a planned adapter with the Hugging Face `Trainer`.
+
+`train` reads top to bottom: settings -> run folder -> processes -> model with the plan applied -> data ->
+Trainer -> train -> save and check the adapter -> ``run.json``. The optimizer is LoRA+ with a cap on B's
+learning rate (docs/method.md §6, `gorafit.optim`); everything else is the Trainer's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import TrainerCallback, TrainingArguments
+
+from gorafit import run_folder
+from gorafit.adapter_check import check_saved_adapter
+from gorafit.apply import apply_plan, head_name
+from gorafit.run_record import failed, new_record, training_metrics
+from gorafit.settings import TrainSettings
+from gorafit.trainer import GoraTrainer, JsonLinesLogCallback, classification_accuracy
+from gorafit.training_args import check_launcher, check_processes, parallelism, training_arguments
+from goraplan import distributed
+from goraplan.build import peak_memory_mb
+from goraplan.errors import GoraError
+from goraplan.plan import Plan, load_plan, utc_now
+
+__all__ = ["RunResult", "resolve_settings", "train"]
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What `train` produced: the run folder, the final adapter, the metrics and the full record."""
+
+    output_dir: Path
+    adapter_dir: Path
+    metrics: dict[str, Any]
+    record: dict[str, Any]
+    is_main_process: bool = True
+
+
+def train(
+    plan: Plan | str | os.PathLike,
+    settings: TrainSettings | None = None,
+    *,
+    plan_path: str | os.PathLike | None = None,
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> RunResult:
+    """Train the adapter a GoRA plan describes and save it in ``<output_dir>/adapter``.
+
+    ``plan`` is a `Plan` or the path of a ``.gora`` file (``plan_path`` names the file of a `Plan` given in
+    Python, for the record). ``model`` / ``tokenizer`` replace loading the base model named in the plan (or
+    ``settings.model``); ``callbacks`` are Trainer callbacks (``EarlyStoppingCallback``, ...). Works unchanged
+    under ``torchrun`` (DDP), with ``settings.fsdp`` and with ``settings.deepspeed``.
+
+    >>> result = train("plan.gora", TrainSettings(data="sarcasm", max_steps=100))  # doctest: +SKIP
+    >>> result.metrics["eval_loss"], result.adapter_dir                          # doctest: +SKIP
+    """
+    started = time.perf_counter()
+    plan, plan_path = _read_plan(plan, plan_path)
+    settings = resolve_settings(settings or TrainSettings(), plan, plan_path)
+    task = plan.manifest.task
+    if (model is None) != (tokenizer is None):
+        raise GoraError("pass both model and tokenizer to gorafit.train, or neither")
+
+    # ---- run folder and processes (TrainingArguments joins the process group under torchrun)
+    out = Path(settings.output_dir)
+    resume_from = check_output_dir(out, settings, plan)
+    has_eval = settings.eval_data is not None or settings.eval_fraction > 0
+    args = training_arguments(settings, task, has_eval=has_eval, resuming=resume_from is not None)
+    _ = args.device  # reading the device makes accelerate set the process group up
+    check_processes(args, settings)
+    main = args.process_index == 0
+    if main:
+        _prepare_output_dir(out, settings, resume_from)
+    distributed.barrier()
+
+    # ---- model with the plan applied, and data (the main process first: it converts and caches once)
+    labels = _label_names(plan, settings)
+    if model is None:
+        model, tokenizer = _load_base_model(settings, task, labels, plan.manifest.settings.seed)
+    peft_model = apply_plan(model, plan, check_fingerprint=not settings.ignore_fingerprint)
+    train_ds, eval_ds, data_info = distributed.main_first(lambda: prepare_data(settings, tokenizer, task, labels))
+
+    # ---- Trainer and training
+    trainer = _make_trainer(peft_model, args, settings, tokenizer, task, train_ds, eval_ds,
+                            [JsonLinesLogCallback(run_folder.log_file(out)), *callbacks])
+    check_launcher(trainer, settings)
+    record = new_record(plan, plan_path, settings, args, data_info, labels, peft_model, resume_from)
+    if main:
+        run_folder.write_record(out, record)
+    train_started = time.perf_counter()
+    output = _fit(trainer, resume_from, record, out, main)
+    train_seconds = time.perf_counter() - train_started
+    final_eval = _final_evaluation(trainer, eval_ds)
+
+    # ---- save the adapter (every process takes part: FSDP and ZeRO-3 gather it), check it, record the run
+    adapter_dir = run_folder.adapter_dir(out)
+    trainer.save_model(str(adapter_dir))
+    distributed.barrier()
+    metrics = training_metrics(trainer.state.log_history, output.training_loss, final_eval, trainer.state.global_step)
+    error = None
+    if main:
+        error = _check_adapter(adapter_dir, plan, model if task == "seq-cls" else None)
+        record.update(status="failed" if error else "completed", finished_at=utc_now(),
+                      **({"error": str(error)} if error else {"adapter": run_folder.ADAPTER_DIR}),
+                      wall_time_s=round(time.perf_counter() - started, 3), train_time_s=round(train_seconds, 3),
+                      peak_memory_mb=round(peak_memory_mb(args.device), 1), global_step=trainer.state.global_step,
+                      parallelism=parallelism(trainer), metrics=metrics)
+        run_folder.write_record(out, record)
+    distributed.barrier()
+    if error is not None:
+        raise error
+    return RunResult(output_dir=out, adapter_dir=adapter_dir, metrics=metrics, record=record, is_main_process=main)
+
+
+# ---------------------------------------------------------------------------------------------------- settings
+def _read_plan(plan: Plan | str | os.PathLike, plan_path: str | os.PathLike | None) -> tuple[Plan, Path | None]:
+    if isinstance(plan, Plan):
+        return plan, Path(plan_path) if plan_path is not None else None
+    return load_plan(plan), Path(plan)
+
+
+def resolve_settings(settings: TrainSettings, plan: Plan, plan_path: Path | None) -> TrainSettings:
+    """Fill every setting left open (``None``) from the plan, so ``run.json`` records what was used."""
+    manifest = plan.manifest
+    data = settings.data if settings.data is not None else manifest.calibration.source
+    if data is None:
+        raise GoraError("the plan records no data source (it was built from batches in Python); pass --data")
+    if settings.data_split is not None:
+        data_split = settings.data_split
+    elif settings.data is None and manifest.calibration.split:
+        data_split = manifest.calibration.split
+    else:
+        data_split = "train"
+    eval_split = settings.eval_split
+    if settings.eval_data is not None and eval_split is None:
+        from goraplan.data import list_splits
+
+        eval_split = "test" if "test" in list_splits(settings.eval_data) else "train"
+    stem = plan_path.stem if plan_path is not None else "gora"
+    return settings.model_copy(update={
+        "model": settings.model or manifest.base_model.name_or_path,
+        "data": data,
+        "data_split": data_split,
+        "eval_split": eval_split,
+        "max_length": settings.max_length or manifest.settings.max_length,
+        "seed": settings.seed if settings.seed is not None else manifest.settings.seed,
+        "output_dir": settings.output_dir or str(Path("runs") / stem),
+        "per_device_eval_batch_size": settings.per_device_eval_batch_size or settings.per_device_train_batch_size,
+        "eval_steps": settings.eval_steps if settings.eval_steps is not None else 0.1,
+    })
+
+
+# ---------------------------------------------------------------------------------------------------- run folder
+def check_output_dir(out: Path, settings: TrainSettings, plan: Plan) -> Path | None:
+    """Refuse to mix two runs in one folder; with ``resume``, the checkpoint to continue from."""
+    if settings.resume:
+        checkpoint = run_folder.last_complete_checkpoint(out)
+        if checkpoint is None:
+            raise GoraError(
+                f"there is no complete checkpoint in {out} to resume from; run without --resume to start afresh"
+            )
+        record = run_folder.read_record(out)
+        recorded = run_folder.plan_sha256(record) if record else None
+        if recorded and plan.sha256 and recorded != plan.sha256:
+            raise GoraError(
+                f"the run in {out} was trained from another plan (sha256 {recorded[:12]}...); resume it with "
+                "that plan, or choose another --output-dir"
+            )
+        return checkpoint
+    if run_folder.looks_like_run(out) and not settings.overwrite_output_dir:
+        raise GoraError(
+            f"output folder {out} holds another run; pass --resume to continue it, --overwrite to replace it, "
+            "or choose another --output-dir"
+        )
+    if out.exists() and not out.is_dir():
+        raise GoraError(f"output path {out} is a file; give a folder with --output-dir")
+    return None
+
+
+def _prepare_output_dir(out: Path, settings: TrainSettings, resume_from: Path | None) -> None:
+    if settings.overwrite_output_dir:
+        run_folder.clear_run(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if resume_from is not None:
+        run_folder.drop_after(out, resume_from)
+
+
+# ---------------------------------------------------------------------------------------------------- model, data
+def _label_names(plan: Plan, settings: TrainSettings) -> list[str] | None:
+    """seq-cls: the plan's class names, or (a plan built in Python without them) the data's."""
+    if plan.manifest.task != "seq-cls":
+        return None
+    if plan.manifest.labels:
+        return plan.manifest.labels
+    from goraplan.data import label_names_of, load_records
+
+    return label_names_of(load_records(settings.data, settings.data_split))
+
+
+def _load_base_model(settings: TrainSettings, task: str, labels: list[str] | None, plan_seed: int):
+    from goraplan.models import load_model, resolve_model_path
+
+    # A built-in model is converted into the cache once, by the main process; then every process loads it
+    # at the same time (under ZeRO-3 loading partitions the weights, which takes all processes together).
+    distributed.main_first(lambda: resolve_model_path(settings.model))
+    # The seed of a newly initialised classification head is the plan's: the head the gradients were taken with.
+    return load_model(settings.model, task, dtype=settings.dtype, label_names=labels,
+                      trust_remote_code=settings.trust_remote_code, device="cpu", seed=plan_seed)
+
+
+def prepare_data(settings: TrainSettings, tokenizer, task: str, labels: list[str] | None):
+    """Tokenized train and eval sets (eval held out of the train data unless ``eval_data`` is given)."""
+    from goraplan.data import prepare, split_train_eval
+
+    common = dict(max_length=settings.max_length, seed=settings.seed, label_names=labels)
+    train_ds, info = prepare(settings.data, tokenizer, task, split=settings.data_split,
+                             limit=settings.max_train_samples, **common)
+    eval_ds = None
+    if settings.eval_data is not None:
+        eval_ds, _ = prepare(settings.eval_data, tokenizer, task, split=settings.eval_split,
+                             limit=settings.max_eval_samples, **common)
+    elif settings.eval_fraction > 0:
+        train_ds, eval_ds = split_train_eval(train_ds, settings.eval_fraction, settings.seed)
+        if settings.max_eval_samples is not None:
+            eval_ds = eval_ds.select(range(min(settings.max_eval_samples, len(eval_ds))))
+    if len(train_ds) == 0:
+        raise GoraError(f"no training examples are left in {settings.data}; give more data or a larger --max-length")
+    data_info = {
+        "source": info.source,
+        "split": info.split,
+        "format": info.format,
+        "train_examples": len(train_ds),
+        "eval_examples": len(eval_ds) if eval_ds is not None else 0,
+        "eval_source": settings.eval_data or (f"{settings.eval_fraction:g} of {settings.data}" if eval_ds else None),
+        "label_names": info.label_names,
+    }
+    return train_ds, eval_ds, data_info
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def _make_trainer(peft_model, args: TrainingArguments, settings: TrainSettings, tokenizer, task: str,
+                  train_ds, eval_ds, callbacks: list[TrainerCallback]) -> GoraTrainer:
+    from goraplan.data import PaddingCollator
+
+    return GoraTrainer(
+        model=peft_model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=PaddingCollator(tokenizer, task),
+        compute_metrics=classification_accuracy if task == "seq-cls" else None,
+        callbacks=callbacks,
+        lr_ratio=settings.lr_ratio,
+        lr_b_max=settings.lr_b_max,
+    )
+
+
+def _fit(trainer: GoraTrainer, resume_from: Path | None, record: dict, out: Path, main: bool):
+    """``trainer.train``; if it stops, the record says the run did not finish and why (--resume continues it)."""
+    try:
+        return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+    except BaseException as exc:
+        if main:
+            run_folder.write_record(out, failed(record, exc))
+        raise
+
+
+def _final_evaluation(trainer: GoraTrainer, eval_ds) -> dict[str, Any]:
+    """The eval metrics at the last step: the logged ones when the last eval fell on it, else a new eval."""
+    if eval_ds is None:
+        return {}
+    last_eval = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), None)
+    if last_eval is not None and last_eval.get("step") == trainer.state.global_step:
+        return {k: v for k, v in last_eval.items() if k.startswith("eval_")}
+    return trainer.evaluate()
+
+
+def _check_adapter(adapter_dir: Path, plan: Plan, seq_cls_model: nn.Module | None) -> GoraError | None:
+    """Check the saved adapter on disk (main process); the error is raised after the others are released."""
+    (adapter_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; run.json has every setting
+    try:
+        check_saved_adapter(adapter_dir, plan, head=head_name(seq_cls_model) if seq_cls_model is not None else None)
+    except GoraError as exc:
+        return exc
+    return None

@@ -1,0 +1,63 @@
+"""The Hugging Face `Trainer` pieces of `gorafit run`: the LoRA+ Trainer, the log file, the accuracy metric."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from gorafit.optim import LR_RATIO_DEFAULT, create_optimizer
+from goraplan.plan import utc_now
+
+__all__ = ["GoraTrainer", "JsonLinesLogCallback", "classification_accuracy"]
+
+
+class GoraTrainer(Trainer):
+    """A `transformers.Trainer` whose optimizer is `gorafit.create_optimizer`'s: every ``lora_B`` at
+    ``lr_ratio`` times the lr, capped at ``lr_b_max`` when one is given (`gorafit run` gives its
+    ``--lr-b-max``). The Trainer calls `create_optimizer` under DDP, FSDP and DeepSpeed alike, so the groups
+    survive every launcher.
+
+    >>> trainer = GoraTrainer(model=peft_model, args=TrainingArguments("out"), lr_ratio=16)  # doctest: +SKIP
+    >>> [g["lr"] for g in trainer.create_optimizer().param_groups]                          # doctest: +SKIP
+    """
+
+    def __init__(self, *args: Any, lr_ratio: float = LR_RATIO_DEFAULT, lr_b_max: float | None = None,
+                 **kwargs: Any):
+        self.lr_ratio = lr_ratio
+        self.lr_b_max = lr_b_max
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        opt_model = self.model if model is None else model
+        if self.optimizer is None:
+            optim = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = create_optimizer(opt_model, self.args.learning_rate, self.lr_ratio, self.lr_b_max,
+                                              self.args.weight_decay, optim=optim)
+        return self.optimizer
+
+
+def classification_accuracy(eval_pred) -> dict[str, float]:
+    """``compute_metrics`` for seq-cls: the share of examples whose arg-max logit is the label."""
+    logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+    labels = eval_pred.label_ids
+    return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())}
+
+
+class JsonLinesLogCallback(TrainerCallback):
+    """Appends every log entry (loss, lr, eval loss, accuracy, ...) to ``log.jsonl``, one JSON object a line."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        entry = {"step": state.global_step, "epoch": state.epoch, **logs, "time": utc_now()}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(entry, default=float) + "\n")
