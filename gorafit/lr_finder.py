@@ -31,10 +31,13 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from goraplan.errors import GoraError
+
 __all__ = [
     "Candidate",
     "LrSearch",
     "find_lr",
+    "probe_batches",
     "probe_steps_for_budget",
     "hessian_top_eigenvalue",
     "format_lr_search",
@@ -107,6 +110,24 @@ def probe_steps_for_budget(train_steps: int, train_batch_size: int, probe_batch_
     budget = share * 3 * train_steps * train_batch_size
     per_candidate = budget / candidates - held_out_examples - held_out_examples / candidates
     return max(1, int(per_candidate // (3 * probe_batch_size)))
+
+
+def probe_batches(n_rows: int, collate: Callable[[list[int]], dict], batch_size: int, train_steps: int, seed: int,
+                  *, share: float = 0.10, candidates: int = 6) -> tuple[list[dict], list[dict]]:
+    """The range test's data, from the training set only: one held-out batch of `batch_size` examples and
+    short-run batches of a quarter of it, as many as keep the search within `share` of the training run
+    (`probe_steps_for_budget`). Rows are drawn from the end of the seed's permutation; `collate(indices)`
+    turns row indices into a batch.
+    """
+    probe = max(1, batch_size // 4)
+    steps = probe_steps_for_budget(train_steps, batch_size, probe, batch_size, candidates=candidates, share=share)
+    need = batch_size + steps * probe
+    if n_rows < need:
+        raise GoraError(f"--lr auto needs at least {need} training examples ({steps} probe steps of {probe} and "
+                        f"a held-out batch of {batch_size}); the data has {n_rows}: give more data or a number")
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed)).tolist()
+    held, train = order[-batch_size:], order[-need:-batch_size]
+    return [collate(train[i:i + probe]) for i in range(0, len(train), probe)], [collate(held)]
 
 
 def _mean_loss(model: nn.Module, batches: Sequence[dict], loss_fn: Callable[[nn.Module, dict], torch.Tensor]) -> float:

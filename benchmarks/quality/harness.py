@@ -27,7 +27,7 @@ from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
 from benchmarks.quality.grid import LORA_ALPHA, LORA_RANK, RunSpec
-from gorafit.lr_finder import find_lr, hessian_top_eigenvalue, probe_steps_for_budget
+from gorafit.lr_finder import find_lr, hessian_top_eigenvalue, probe_batches
 
 # A run "collapses" when it predicts one class (NLU) or one answer (NLG) for at least this share of the
 # held-out set: it has stopped reading its input.
@@ -82,18 +82,6 @@ def calibration_batches(wl: Workload, seed: int, n: int) -> list[dict]:
         raise ValueError(f"{n} calibration batches of {size} need {n * size} examples; the workload has "
                          f"{len(wl.train_rows)}")
     return _batches(wl, _order(wl, seed)[: n * size], size)
-
-
-def probe_batches(wl: Workload, seed: int) -> tuple[list[dict], list[dict]]:
-    """The range test's data, training examples only: short-run batches of a quarter training batch and
-    one held-out batch of a full one, from the end of the seed's order (GoRA's calibration uses the start)."""
-    probe = max(1, wl.batch_size // 4)
-    steps = probe_steps_for_budget(wl.steps, wl.batch_size, probe, wl.batch_size, candidates=AUTO_CANDIDATES,
-                                   share=AUTO_SHARE)
-    order = _order(wl, seed)
-    held = order[-wl.batch_size:]
-    train = order[-wl.batch_size - steps * probe: -wl.batch_size]
-    return _batches(wl, train, probe), _batches(wl, held, wl.batch_size)
 
 
 # ---------------------------------------------------------------------------------------------------- methods
@@ -300,7 +288,9 @@ def train_and_evaluate(wl: Workload, spec: RunSpec, *, log_every: int = 1) -> di
     lr = spec.lr
     if spec.auto:
         cpu_auto = time.process_time()
-        probe_train, probe_held = probe_batches(wl, spec.seed)
+        probe_train, probe_held = probe_batches(
+            len(wl.train_rows), lambda ix: wl.collate([wl.train_rows[i] for i in ix]), wl.batch_size, wl.steps,
+            spec.seed, share=AUTO_SHARE, candidates=AUTO_CANDIDATES)
         search = find_lr(model, setup.make_optimizer, probe_train, probe_held, max_grad_norm=MAX_GRAD_NORM)
         lr, auto_s, auto_cpu_s = search.chosen, search.seconds, time.process_time() - cpu_auto
 

@@ -115,3 +115,15 @@ def test_on_a_tiny_lora_model_the_search_is_kept_and_shown(tmp_path):
 def test_the_probe_budget_shrinks_with_the_run():
     assert probe_steps_for_budget(400, 32, 8, 32) > probe_steps_for_budget(94, 32, 8, 32) >= 1
     assert probe_steps_for_budget(5, 8, 8, 8) == 1
+
+
+def test_probe_batches_come_from_training_rows_and_keep_the_held_out_batch_apart():
+    from gorafit.lr_finder import probe_batches
+    from goraplan.errors import GoraError
+
+    train, held = probe_batches(3000, lambda ix: {"ix": torch.tensor(ix)}, 32, 94, seed=0)
+    train_ix = torch.cat([b["ix"] for b in train]).tolist()
+    assert [len(b["ix"]) for b in train] == [8] * len(train) and len(held) == 1 and len(held[0]["ix"]) == 32
+    assert not set(train_ix) & set(held[0]["ix"].tolist()) and len(set(train_ix)) == len(train_ix)
+    with pytest.raises(GoraError, match="--lr auto needs at least"):
+        probe_batches(20, lambda ix: {}, 32, 94, seed=0)
