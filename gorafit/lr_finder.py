@@ -41,6 +41,9 @@ __all__ = [
     "probe_steps_for_budget",
     "hessian_top_eigenvalue",
     "format_lr_search",
+    "read_lr_search",
+    "save_lr_search",
+    "search_training_data",
     "plot_lr_search",
     "LR_SEARCH_FILE",
 ]
@@ -249,6 +252,48 @@ def _batch_size(batch: dict) -> int | None:
         if isinstance(value, torch.Tensor) and value.ndim >= 1:
             return int(value.shape[0])
     return None
+
+
+def search_training_data(model: nn.Module, rows: Sequence[dict], collate: Callable[[list[dict]], dict],
+                         make_optimizer: Callable[[float], torch.optim.Optimizer], *, batch_size: int,
+                         train_steps: int, seed: int, max_grad_norm: float | None = 1.0,
+                         share: float = 0.10) -> LrSearch:
+    """`find_lr` as ``gorafit run --lr auto`` runs it: on `rows` of the training set only (`probe_batches`),
+    moved to the model's device, with the run's own optimizer factory."""
+    device = next(p.device for p in model.parameters())
+
+    def batch(indices: list[int]) -> dict:
+        collated = collate([rows[i] for i in indices])
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collated.items()}
+
+    train, held = probe_batches(len(rows), batch, batch_size, train_steps, seed, share=share)
+    search = find_lr(model, make_optimizer, train, held, max_grad_norm=max_grad_norm)
+    search.extra.update(train_steps=train_steps, batch_size=batch_size, share_budget=share)
+    return search
+
+
+def save_lr_search(folder: str | Path, search: LrSearch, title: str = "") -> Path:
+    """The evidence beside the run: ``lr_search.json`` (every candidate, its score, the choice) and its
+    picture ``lr_search.png`` (when matplotlib is installed). Returns the JSON's path."""
+    from goraplan.files import write_json_atomic
+
+    folder = Path(folder)
+    path = write_json_atomic(folder / LR_SEARCH_FILE, search.to_dict(), indent=1)
+    plot_lr_search(search, folder / LR_SEARCH_PLOT, title)
+    return path
+
+
+def read_lr_search(folder: str | Path) -> LrSearch | None:
+    """The search a run folder keeps, or None when the run's lr was given."""
+    import json
+
+    path = Path(folder) / LR_SEARCH_FILE
+    if not path.is_file():
+        return None
+    try:
+        return LrSearch.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise GoraError(f"{path} is not a learning-rate search this gorafit wrote ({exc}); delete it or rerun") from exc
 
 
 # ------------------------------------------------------------------------------------------ curvature

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -11,12 +10,13 @@ from torch import nn
 
 from gorafit.lr_finder import (
     QUARTER_DECADE,
-    LrSearch,
     find_lr,
     format_lr_search,
     hessian_top_eigenvalue,
-    plot_lr_search,
     probe_steps_for_budget,
+    read_lr_search,
+    save_lr_search,
+    search_training_data,
 )
 
 
@@ -94,22 +94,29 @@ def test_on_a_tiny_lora_model_the_search_is_kept_and_shown(tmp_path):
     pytest.importorskip("matplotlib")
     from peft import LoraConfig, get_peft_model
 
-    from tests.tiny import random_batches, tiny_llama
+    from goraplan.data import PaddingCollator
+    from tests.tiny import make_tokenizer, sentences, tiny_llama
 
-    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    tok = make_tokenizer()
+    model = get_peft_model(tiny_llama(vocab_size=len(tok)),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    batches = random_batches(5, batch_size=4, length=12)
-    search = find_lr(model, lambda lr: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr),
-                     batches[:3], batches[3:])
+    rows = [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ids}
+            for ids in tok(sentences(64))["input_ids"]]
+    search = search_training_data(
+        model, rows, PaddingCollator(tok, "causal-lm"),
+        lambda lr: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr),
+        batch_size=8, train_steps=40, seed=0)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
-    assert search.chosen in [c.lr for c in search.candidates]
-    assert search.steps_per_candidate == 3 and search.held_out_batches == 2 and search.probe_batch_size == 4
-    again = LrSearch.from_dict(json.loads(json.dumps(search.to_dict())))
-    assert again.chosen == search.chosen and len(again.candidates) == len(search.candidates)
-    text = format_lr_search(search)
+    assert search.chosen in [c.lr for c in search.candidates] and len(search.candidates) >= 4
+    assert search.probe_batch_size == 2 and search.held_out_batches == 1 and search.extra["train_steps"] == 40
+    save_lr_search(tmp_path, search, "tiny")
+    again = read_lr_search(tmp_path)
+    assert again.chosen == search.chosen and [c.lr for c in again.candidates] == [c.lr for c in search.candidates]
+    assert (tmp_path / "lr_search.png").read_bytes()[:4] == b"\x89PNG"
+    text = format_lr_search(again)
     assert "<- chosen" in text and f"{search.chosen:.3g}" in text
-    path = plot_lr_search(search, tmp_path / "lr_search.png")
-    assert path.read_bytes()[:4] == b"\x89PNG"
+    assert read_lr_search(tmp_path / "elsewhere") is None
 
 
 def test_the_probe_budget_shrinks_with_the_run():
