@@ -14,7 +14,6 @@ Examples:
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
@@ -131,7 +130,7 @@ def build(model_name, revision, ranks_from, data, split, columns, packing, dtype
     bar = progress_reporter(settings.steps, "gradient steps", enabled=rank_id == 0)
 
     def progress(step: int, loss: float) -> None:
-        bar.advance(1 if _world() == 1 else _world(), loss=f"{loss:.4f}")
+        bar.advance(distributed.world(), loss=f"{loss:.4f}")
 
     plan = build_plan(model, batches, settings, model_name=model_name, data_source=data, data_split=split,
                       labels=labels, progress=progress, fixed_ranks=fixed_ranks, model_revision=commit)
@@ -153,41 +152,12 @@ def build(model_name, revision, ranks_from, data, split, columns, packing, dtype
         if other is not None:
             click.echo(f"ranks and target modules from {printable(ranks_from)} (sha256 {other.sha256[:16]}); "
                        f"importance and initial adapter from {printable(data)}")
-    _finish_distributed()
+    distributed.finish()
 
 
 def _local_paths(*names: str) -> list[Path]:
     """The arguments that name files or folders here (not Hub ids or built-in aliases): inputs to protect."""
     return [Path(name).expanduser() for name in names if name and Path(name).expanduser().exists()]
-
-
-def _world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _init_distributed() -> int:
-    """Join the process group that torchrun set up (gloo on CPU, nccl on CUDA); return this rank."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
-    return dist.get_rank()
-
-
-def _finish_distributed() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------- inspect / validate / diff / schema
