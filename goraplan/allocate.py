@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Literal
+from typing import Literal, get_args
 
 AllocationMode = Literal["exact", "paper"]
-ALLOCATION_MODES: tuple[str, ...] = ("exact", "paper")
+ALLOCATION_MODES: tuple[str, ...] = get_args(AllocationMode)
 
 
 def lora_budget(costs: Mapping[str, int], r0: int) -> int:

@@ -11,12 +11,12 @@ Then eq. 9 normalises the scores into shares ``a_i = I_i / sum_j I_j``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 ImportanceMetric = Literal["sensitivity", "grad-nuclear", "union-nuclear"]
-IMPORTANCE_METRICS: tuple[str, ...] = ("sensitivity", "grad-nuclear", "union-nuclear")
+IMPORTANCE_METRICS: tuple[str, ...] = get_args(ImportanceMetric)
 
 
 def importance(weight: torch.Tensor, grad: torch.Tensor, metric: ImportanceMetric = "sensitivity") -> float:
