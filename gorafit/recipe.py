@@ -145,8 +145,14 @@ def resolve_settings(settings: TrainSettings, plan: Plan, plan_path: Path | None
 
         eval_split = "test" if "test" in list_splits(settings.eval_data) else "train"
     stem = plan_path.stem if plan_path is not None else "gora"
+    from goraplan.models import plan_base_model
+
+    # The plan's own model at the commit it was planned on, unless --model/--revision say otherwise.
+    model, revision = plan_base_model(manifest.base_model.name_or_path, manifest.base_model.revision,
+                                      settings.model, settings.revision)
     return settings.model_copy(update={
-        "model": settings.model or manifest.base_model.name_or_path,
+        "model": model,
+        "revision": revision,
         "data": data,
         "data_split": data_split,
         "eval_split": eval_split,
@@ -210,10 +216,11 @@ def _load_base_model(settings: TrainSettings, task: str, labels: list[str] | Non
 
     # A built-in model is converted into the cache once, by the main process; then every process loads it
     # at the same time (under ZeRO-3 loading partitions the weights, which takes all processes together).
-    distributed.main_first(lambda: resolve_model_path(settings.model))
+    distributed.main_first(lambda: resolve_model_path(settings.model, settings.revision))
     # The seed of a newly initialised classification head is the plan's: the head the gradients were taken with.
     return load_model(settings.model, task, dtype=settings.dtype, label_names=labels,
-                      trust_remote_code=settings.trust_remote_code, device="cpu", seed=plan_seed)
+                      trust_remote_code=settings.trust_remote_code, device="cpu", seed=plan_seed,
+                      revision=settings.revision)
 
 
 def prepare_data(settings: TrainSettings, tokenizer, task: str, labels: list[str] | None):
@@ -248,14 +255,14 @@ def prepare_data(settings: TrainSettings, tokenizer, task: str, labels: list[str
 # ---------------------------------------------------------------------------------------------------- training
 def _make_trainer(peft_model, args: TrainingArguments, settings: TrainSettings, tokenizer, task: str,
                   train_ds, eval_ds, callbacks: list[TrainerCallback]) -> GoraTrainer:
-    from goraplan.data import PaddingCollator
+    from goraplan.data import collator_for
 
     return GoraTrainer(
         model=peft_model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=PaddingCollator(tokenizer, task),
+        data_collator=collator_for(tokenizer, task),
         compute_metrics=classification_accuracy if task == "seq-cls" else None,
         callbacks=callbacks,
         lr_ratio=settings.lr_ratio,

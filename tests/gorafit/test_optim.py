@@ -14,7 +14,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 import goraplan
 from gorafit import GoraTrainer, apply_plan, create_optimizer
 from gorafit.optim import LR_B_MAX_DEFAULT
-from goraplan.data import PaddingCollator
+from goraplan.data import collator_for
 from goraplan.errors import GoraError
 from tests.tiny import make_tokenizer, random_batches, sentences, tiny_llama
 
@@ -98,7 +98,7 @@ def test_plain_trainer(planned, tmp_path):
                              learning_rate=LR, lr_scheduler_type="constant", report_to=[], save_strategy="no",
                              use_cpu=True, disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=text_dataset(tokenizer),
-                      data_collator=PaddingCollator(tokenizer, "causal-lm"), callbacks=[seen],
+                      data_collator=collator_for(tokenizer, "causal-lm"), callbacks=[seen],
                       optimizers=(create_optimizer(model, lr=LR), None))
     trainer.train()
     assert_plan_start_and_b_step(plan, seen.a0, seen.b0, seen.b1, LR_B_MAX_DEFAULT)
