@@ -83,10 +83,10 @@ class RunSpec:
 
 
 def _gorafit_b_lr_max() -> float | None:
-    """gorafit's default cap on lora_B's lr, read from its settings (GoRA 'with gorafit's defaults')."""
-    from gorafit.settings import TrainSettings
+    """gorafit's default cap on lora_B's lr (GoRA 'with gorafit's defaults')."""
+    from gorafit.optim import LR_B_MAX_DEFAULT
 
-    return TrainSettings.model_fields["lr_b_max"].default
+    return LR_B_MAX_DEFAULT
 
 
 @dataclass(frozen=True)
@@ -151,6 +151,10 @@ def _middle(lrs: list[float], n: int | None) -> list[float]:
     return [lrs[i] for i in order[: n if n is not None else len(lrs)]]
 
 
+def _gorafit_defaults(m: Method) -> bool:
+    return m.template.method == "gora" and m.template.b_lr_max is not None
+
+
 NLU_SIZES = dict(train_examples=3000, test_examples=2000, max_length=64)
 NLG_SIZES = dict(train_examples=1600, test_examples=500)
 
@@ -163,8 +167,8 @@ MODES = {
         name="quick", results=RESULTS / "quick",
         nlu=dict(train_examples=800, test_examples=500, max_length=64), nlg=dict(train_examples=480, test_examples=200),
         nlu_seeds=[0], nlg_seeds=[0],
-        nlu_methods=[m for m in methods("nlu", 16) if m.key in ("lora", "gora-x16-bmax0.003", "full")],
-        nlg_methods=[m for m in methods("nlg", 16) if m.key in ("lora", "gora-x16-bmax0.003")],
+        nlu_methods=[m for m in methods("nlu", 16) if m.template.method in ("full", "lora") or _gorafit_defaults(m)],
+        nlg_methods=[m for m in methods("nlg", 16) if m.template.method == "lora" or _gorafit_defaults(m)],
         lr_points=1,
     ),
 }

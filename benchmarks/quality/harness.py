@@ -220,22 +220,23 @@ def gora_plan(model, wl: Workload, spec: RunSpec, calib: list[dict]):
 
 
 def setup_gora(model, wl, spec, calib) -> Setup:
-    from gorafit import apply_plan
-    from gorafit.settings import effective_lr_ratio  # the rule gorafit run applies
+    from gorafit import apply_plan, create_optimizer
 
     plan, plan_s, cached = gora_plan(model, wl, spec, calib)
     model = apply_plan(model, plan)
-    b = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_B." in n]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_B." not in n]
 
-    def groups(lr: float):  # as gorafit run: every lora_B at the (capped) ratio x lr, the rest at lr
-        return [(rest, 1.0), (b, effective_lr_ratio(lr, spec.ratio, spec.b_lr_max))]
+    def make(lr: float) -> torch.optim.Optimizer:  # gorafit run's optimizer: lora_B at the (capped) ratio x lr
+        return create_optimizer(model, lr, lr_ratio=spec.ratio, lr_b_max=spec.b_lr_max, weight_decay=WEIGHT_DECAY)
+
+    def groups(lr: float):
+        return [(g["params"], g["lr"] / lr) for g in make(lr).param_groups]
 
     ranks = plan.ranks
-    return adamw_setup(model, groups, {
-        "plan_s": plan_s, "plan_cached": cached, "rank_min": min(ranks.values()), "rank_max": max(ranks.values()),
-        "budget": plan.manifest.totals.budget, "allocated": plan.manifest.totals.allocated,
-        "calib_batches": spec.n_calib, "step_size": plan.manifest.step_size,
+    return Setup(model, make, groups, {
+        "optimizer": "gorafit.create_optimizer", "plan_s": plan_s, "plan_cached": cached,
+        "rank_min": min(ranks.values()), "rank_max": max(ranks.values()), "budget": plan.manifest.totals.budget,
+        "allocated": plan.manifest.totals.allocated, "calib_batches": spec.n_calib,
+        "step_size": plan.manifest.step_size,
     })
 
 
