@@ -22,6 +22,7 @@ from goraplan.allocate import allocate_ranks, lora_budget
 from goraplan.errors import GoraError
 from goraplan.fingerprint import WeightDigests, weight_digests
 from goraplan.gradients import GradientResult, accumulate_gradients
+from goraplan.hooked_gradients import dense_weight
 from goraplan.importance import importance, normalise, sensitivity_sum
 from goraplan.init import GoraInit, lora_scaling, solve_init
 from goraplan.plan import (
@@ -126,7 +127,7 @@ def module_importance(
     """Eq. 8 for every module. On a sharded model each rank sums ``|W ⊙ G|`` over its rows at the compute
     dtype, and one all-reduce adds the sums of every module."""
     if not sharded.is_sharded(model):
-        return {name: importance(m.weight, grads[name], metric) for name, m in modules.items()}
+        return {name: importance(dense_weight(m), grads[name], metric) for name, m in modules.items()}
     dtype = sharded.compute_dtype(model)
     local_sums = [sensitivity_sum(sharded.local(m.weight).to(dtype), grads[name]) for name, m in modules.items()]
     sums = distributed.sum_over_ranks(local_sums)

@@ -27,6 +27,7 @@ from torch import nn
 
 from goraplan import distributed
 from goraplan.errors import GoraError
+from goraplan.hooked_gradients import HookedGradients, frozen_modules
 from goraplan.sharded import gradients_summed, is_sharded, local
 
 T = TypeVar("T")
@@ -97,9 +98,17 @@ def accumulate_gradients(
     rank, world = distributed.rank(), distributed.world()
     sharded = is_sharded(model)
     device = next(model.parameters()).device
-    sums = _Accumulators(modules, torch.device("cpu") if offload else device)
+    # A weight that cannot require grad (a 4-bit base, QLoRA) gets its G from hooks (goraplan.hooked_gradients).
+    frozen = frozen_modules(modules)
+    if frozen and sharded:
+        raise GoraError("planning a quantized (e.g. 4-bit) model sharded with FSDP is not supported: plan it unsharded")
+    trainable = {name: m for name, m in modules.items() if name not in frozen}
+    sums = _Accumulators(trainable, torch.device("cpu") if offload else device)
+    hooked = HookedGradients(frozen, sums.device)
+    sums.sums.update(hooked.sums)
     seen = _Seen()
-    with _only_targets_trainable(model, modules, gradient_checkpointing), sums.hooked(), _summed(model, sharded):
+    with _only_targets_trainable(model, trainable, gradient_checkpointing), sums.hooked(), hooked.capture(), \
+            _summed(model, sharded):
         for round_ in _rounds(itertools.islice(batches, steps), world):  # no extra batch consumed
             seen.fingerprint(batch for _, batch in round_)
             mine = round_[rank] if rank < len(round_) else None
@@ -109,7 +118,7 @@ def accumulate_gradients(
                 seen.count(mine[1], loss)
             elif sharded:  # FSDP's collectives need the same passes on every rank: one that adds zero
                 _padding_step(model, _to(round_[0][1], device))
-            distributed.raise_if_any(problem or sums.take_problem())
+            distributed.raise_if_any(problem or sums.take_problem() or hooked.take_problem())
             if mine is not None and progress is not None:
                 progress(mine[0], loss)
     if world > 1 and not sharded:  # a sharded model's gradients were summed over ranks by FSDP already
