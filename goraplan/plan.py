@@ -11,23 +11,27 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import json
+import math
 import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from safetensors import safe_open
 from safetensors.torch import save_file
 
+from goraplan.allocate import lora_budget
 from goraplan.errors import GoraError, PlanFormatError
 from goraplan.files import atomic_file, check_can_write, file_sha256
 from goraplan.hub import resolve_plan_source
+from goraplan.importance import normalise
+from goraplan.init import lora_scaling
 from goraplan.settings import PlanSettings, Task, validation_summary
 from goraplan.step_size import StepSizeSearch
+from goraplan.untrusted import printable, strict_json
 
 FORMAT = "gora-plan"
 SCHEMA_VERSION = 1
@@ -205,79 +209,204 @@ class Plan:
         return path
 
 
-def check_output_path(path: Path) -> None:
-    """One sentence if a plan cannot be written at ``path``; see `goraplan.files.check_can_write`."""
-    check_can_write(path, overwrite=True)
-
-
 def load_plan(path: str | os.PathLike) -> Plan:
-    """Read and verify a `.gora` plan: format, schema version, manifest and every tensor checksum.
+    """Read and verify a `.gora` plan: everything in it is checked, and everything derivable recomputed.
 
-    `path` may also be a Hub model repository, ``OWNER/NAME[@REVISION]``: its ``plan.gora``, through
-    huggingface_hub's cache (see `goraplan.hub.resolve_plan_source`).
+    The file is untrusted (plans travel between teams). It is read once; the safetensors header is parsed
+    here, strictly (repeated JSON keys, non-finite numbers, a dtype other than float32, overlapping or
+    uncovered byte ranges are refused), every tensor's sha256 is taken over its stored bytes, and every
+    value the manifest derives (ranks within bounds, parameters, scaling, shares, totals) is recomputed.
+    Any disagreement is a `PlanFormatError` naming the file.
 
     >>> plan = load_plan("plan.gora")  # doctest: +SKIP
-    >>> plan = load_plan("team-a/sarcasm-plan@v1")  # doctest: +SKIP
     """
     path = resolve_plan_source(path)
+    where = printable(path)
     if not path.is_file():
-        raise GoraError(f"plan file {path} does not exist; build one with goraplan build")
+        raise GoraError(f"plan file {where} does not exist; build one with goraplan build")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            names = list(f.keys())
-            if meta.get("gora.format") != FORMAT:
-                raise PlanFormatError(
-                    f"{path} is a safetensors file but not a GoRA plan (its header has no gora.format = {FORMAT})"
-                )
-            tensors = {name: f.get_tensor(name) for name in names}
-    except PlanFormatError:
-        raise
-    except Exception as exc:  # safetensors raises its own error types for broken headers and sizes
-        raise PlanFormatError(f"{path} is not a readable plan file (truncated or corrupted: {exc})") from None
-    manifest = _read_manifest(path, meta)
-    _check_tensors(path, manifest, tensors)
-    return Plan(manifest, tensors, sha256=file_sha256(path))
+        data = path.read_bytes()
+    except OSError as exc:
+        raise GoraError(f"cannot read plan file {where} ({exc.strerror or exc})") from None
+    meta, raw_tensors = _read_safetensors(where, data)
+    manifest = _read_manifest(where, meta)
+    tensors = _check_tensors(where, manifest, raw_tensors)
+    _check_derived(where, manifest)
+    return Plan(manifest, tensors, sha256=hashlib.sha256(data).hexdigest())
 
 
-def _read_manifest(path: Path, meta: dict[str, str]) -> Manifest:
+# The safetensors format: an 8-byte little-endian header length, a JSON header, then the tensors' bytes.
+_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+
+
+def _read_safetensors(where: str, data: bytes) -> tuple[dict[str, str], dict[str, tuple[tuple[int, ...], bytes]]]:
+    """Header metadata, and name -> (shape, stored bytes) for every tensor; only float32 tensors are accepted."""
+    def broken(why: str) -> PlanFormatError:
+        return PlanFormatError(f"{where} is not a readable plan file (truncated or corrupted: {why})")
+
+    if len(data) < 8:
+        raise broken("shorter than a safetensors header")
+    size = int.from_bytes(data[:8], "little")
+    if size > min(_MAX_HEADER_BYTES, len(data) - 8):
+        raise broken(f"header length {size} does not fit in the file's {len(data)} bytes")
     try:
-        version = int(meta.get("gora.schema_version", "0"))
-    except ValueError:
-        raise PlanFormatError(f"{path} has a corrupted schema version in its header") from None
+        header = strict_json(data[8:8 + size], f"{where} (safetensors header)")
+    except GoraError as exc:
+        raise broken(str(exc)) from None
+    if not isinstance(header, dict):
+        raise broken("its header is not a JSON object")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise broken("its header metadata is not a map of strings")
+    if meta.get("gora.format") != FORMAT:
+        raise PlanFormatError(f"{where} is a safetensors file but not a GoRA plan (its header has no "
+                              f"gora.format = {FORMAT})")
+    body = memoryview(data)[8 + size:]
+    spans = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise broken(f"tensor {printable(name)} has a malformed header entry")
+        shape, offsets = entry["shape"], entry["data_offsets"]
+        if entry["dtype"] != "F32":
+            raise PlanFormatError(f"{where}: tensor {printable(name)} is stored as {printable(entry['dtype'])}; "
+                                  "a plan holds float32 tensors only")
+        if not (isinstance(shape, list) and all(_is_count(n) for n in shape)
+                and isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(n) for n in offsets)):
+            raise broken(f"tensor {printable(name)} has a malformed shape or byte range")
+        if offsets[1] - offsets[0] != 4 * math.prod(shape):
+            raise broken(f"tensor {printable(name)}'s byte range does not match its shape")
+        spans.append((offsets[0], offsets[1], name, tuple(shape)))
+    spans.sort()
+    position = 0
+    for begin, end, name, _ in spans:
+        if begin != position:
+            raise broken(f"tensor {printable(name)}'s bytes overlap another's or leave a gap")
+        position = end
+    if position != len(body):
+        raise broken(f"its tensors cover {position} of the {len(body)} data bytes")
+    return meta, {name: (shape, bytes(body[begin:end])) for begin, end, name, shape in spans}
+
+
+def _is_count(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _read_manifest(where: str, meta: dict[str, str]) -> Manifest:
+    header_version = meta.get("gora.schema_version", "")
+    if not (header_version.isascii() and header_version.isdigit() and len(header_version) < 6):
+        raise PlanFormatError(f"{where} has a corrupted schema version in its header "
+                              f"({printable(repr(header_version))}, expected a whole number)")
+    version = int(header_version)
     if version > SCHEMA_VERSION:
         raise PlanFormatError(
-            f"{path} uses plan schema v{version}, newer than this goraplan reads (v{SCHEMA_VERSION}); "
+            f"{where} uses plan schema v{version}, newer than this goraplan reads (v{SCHEMA_VERSION}); "
             "upgrade goraplan to load it"
         )
     raw = meta.get("gora.manifest", "")
-    if hashlib.sha256(raw.encode()).hexdigest() != meta.get("gora.manifest_sha256"):
-        raise PlanFormatError(f"{path} is corrupted: its manifest does not match the manifest checksum")
+    if hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest() != meta.get("gora.manifest_sha256"):
+        raise PlanFormatError(f"{where} is corrupted: its manifest does not match the manifest checksum")
     try:
-        data = migrate(json.loads(raw))
-        return Manifest.model_validate(data)
-    except (json.JSONDecodeError, ValidationError) as exc:
-        detail = validation_summary(exc) if isinstance(exc, ValidationError) else str(exc)
-        raise PlanFormatError(f"{path} has an invalid manifest ({detail})") from None
+        data = strict_json(raw, f"{where} (manifest)")
+    except GoraError as exc:
+        raise PlanFormatError(f"{where} has an invalid manifest: {exc}") from None
+    if not isinstance(data, dict):
+        raise PlanFormatError(f"{where} has an invalid manifest: a JSON {type(data).__name__}, not an object")
+    if data.get("schema_version") != version or type(data.get("schema_version")) is not int:
+        raise PlanFormatError(f"{where} has an invalid manifest: its schema_version "
+                              f"{printable(repr(data.get('schema_version')))} disagrees with the header's v{version}")
+    try:
+        return Manifest.model_validate(migrate(data))
+    except ValidationError as exc:
+        raise PlanFormatError(f"{where} has an invalid manifest ({printable(validation_summary(exc))})") from None
 
 
-def _check_tensors(path: Path, manifest: Manifest, tensors: dict[str, torch.Tensor]) -> None:
+def _check_tensors(
+    where: str, manifest: Manifest, stored: dict[str, tuple[tuple[int, ...], bytes]]
+) -> dict[str, torch.Tensor]:
+    """The tensors, once each is exactly the one the manifest describes: name, shape, checksum, finite values."""
     expected = {}
     for m in manifest.modules:
         out_f, in_f = m.shape
         expected[f"{m.name}.lora_A"] = (m.rank, in_f)
         expected[f"{m.name}.lora_B"] = (out_f, m.rank)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    if missing or unexpected or len(expected) != 2 * len(manifest.modules):
         raise PlanFormatError(
-            f"{path} does not match its manifest: missing tensors {missing[:3]}, unexpected tensors {unexpected[:3]}"
+            f"{where} does not match its manifest: missing tensors {printable(missing[:3])}, unexpected tensors "
+            f"{printable(unexpected[:3])}, {len(manifest.modules)} modules"
         )
+    if set(manifest.checksums) != set(expected):
+        raise PlanFormatError(f"{where} does not match its manifest: the checksums name other tensors than the plan")
+    tensors = {}
     for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
-            raise PlanFormatError(f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
-        if tensor_sha256(tensors[name]) != manifest.checksums.get(name):
-            raise PlanFormatError(f"{path} is corrupted: tensor {name} does not match its checksum")
+        stored_shape, raw = stored[name]
+        if stored_shape != shape:
+            raise PlanFormatError(f"{where}: tensor {printable(name)} has shape {stored_shape}, expected {shape}")
+        if hashlib.sha256(raw).hexdigest() != manifest.checksums[name]:
+            raise PlanFormatError(f"{where} is corrupted: tensor {printable(name)} does not match its checksum")
+        tensor = torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(shape))
+        if not bool(torch.isfinite(tensor).all()):
+            raise PlanFormatError(f"{where}: tensor {printable(name)} holds NaN or infinite values; "
+                                  "rebuild the plan")
+        tensors[name] = tensor
+    return tensors
+
+
+def _check_derived(where: str, manifest: Manifest) -> None:
+    """Every value the manifest derives from others, recomputed: a plan that disagrees with itself is refused."""
+    def wrong(what: str) -> PlanFormatError:
+        return PlanFormatError(f"{where} has an inconsistent manifest: {what}; rebuild the plan with goraplan build")
+
+    modules = manifest.modules
+    if not modules:
+        raise wrong("it adapts no modules")
+    names = [m.name for m in modules]
+    if len(set(names)) != len(names):
+        raise wrong("a module is listed twice")
+    settings = manifest.settings
+    r_min, r_max = settings.resolved_rank_bounds()
+    for m in modules:
+        out_f, in_f = m.shape
+        name = printable(m.name)
+        if out_f < 1 or in_f < 1:
+            raise wrong(f"module {name} has shape {m.shape}")
+        if m.rank > min(r_max, out_f, in_f):
+            raise wrong(f"module {name} has rank {m.rank}, above max rank {r_max} or its {out_f}x{in_f} matrix")
+        if m.params != m.rank * (out_f + in_f):
+            raise wrong(f"module {name} records {m.params} parameters, its rank and shape give "
+                        f"{m.rank * (out_f + in_f)}")
+        if not math.isclose(m.scaling, lora_scaling(settings.alpha, m.rank), rel_tol=1e-9):
+            raise wrong(f"module {name} records scaling {m.scaling!r}, alpha / sqrt(rank) is "
+                        f"{lora_scaling(settings.alpha, m.rank)!r}")
+        if m.importance < 0:
+            raise wrong(f"module {name} has a negative importance")
+    shares = normalise({m.name: m.importance for m in modules})
+    if any(not math.isclose(m.share, shares[m.name], rel_tol=1e-9, abs_tol=1e-12) for m in modules):
+        raise wrong("the modules' shares are not their normalised importance")
+    costs = {m.name: m.shape[0] + m.shape[1] for m in modules}
+    t = manifest.totals
+    allocated = sum(m.params for m in modules)
+    budget = lora_budget(costs, settings.rank)
+    if (t.budget, t.lora_equivalent, t.allocated) != (budget, budget, allocated) or not math.isclose(
+            t.ratio, allocated / budget, rel_tol=1e-9):
+        raise wrong(f"its totals (budget {t.budget}, allocated {t.allocated}, ratio {t.ratio!r}) are not those of "
+                    f"its modules (budget {budget}, allocated {allocated})")
+    if settings.task != manifest.task:
+        raise wrong(f"task {printable(manifest.task)} differs from the settings' {printable(settings.task)}")
+    labels = manifest.labels
+    if manifest.task == "seq-cls" and (labels is None or len(labels) < 2 or len(set(labels)) != len(labels)):
+        raise wrong("a sequence-classification plan needs at least two distinct class labels")
+    if manifest.task != "seq-cls" and labels is not None:
+        raise wrong("only a sequence-classification plan has class labels")
+    search = manifest.step_size_search
+    if (settings.step_size == "auto") != (search is not None) or (search is not None and search.chosen <= 0):
+        raise wrong("its step size search and its step_size setting disagree")
+    if not 0 <= settings.seed < 2**32:
+        raise wrong(f"seed {settings.seed} lies outside 0 .. 2**32 - 1")
+    c = manifest.calibration
+    if min(c.steps, c.examples, c.tokens) < 0:
+        raise wrong("its calibration counts are negative")
 
 
 def utc_now() -> str:

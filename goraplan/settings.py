@@ -48,7 +48,7 @@ class PlanSettings(BaseModel):
     max_length: int = Field(256, ge=8, description="Tokens per example at most.")
     importance: ImportanceMetric = Field("sensitivity", description="Layer importance metric (eq. 8 / Table 5).")
     allocation: AllocationMode = Field("exact", description="exact: fill the budget; paper: eq. 10 as written.")
-    seed: int = Field(0, description="Seeds data order and the random A matrices.")
+    seed: int = Field(0, ge=0, lt=2**32, description="Seeds data order and the random A matrices (0 .. 2**32 - 1).")
     a_init: Literal["kaiming-uniform"] = Field("kaiming-uniform", description="Init of A (PEFT's default).")
     offload_gradients: bool = Field(False, description="Keep the float32 accumulators in CPU memory.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")

@@ -9,6 +9,7 @@ through `printable`; every JSON document read from a file goes through `strict_j
 from __future__ import annotations
 
 import json
+import math
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -56,15 +57,20 @@ def strict_json(text: str | bytes, where: object) -> Any:
     >>> strict_json('{"alpha": NaN}', "plan.gora")
     Traceback (most recent call last):
     goraplan.errors.GoraError: plan.gora: JSON holds NaN, which is not a number this file may hold.
+    >>> strict_json('{"alpha": 1e999}', "plan.gora")
+    Traceback (most recent call last):
+    goraplan.errors.GoraError: plan.gora: JSON number 1e999 is too large to be finite.
     """
     try:
         return json.loads(text, object_pairs_hook=lambda pairs: _unique_keys(pairs, where),
-                          parse_constant=lambda name: _no_constant(name, where))
+                          parse_constant=lambda name: _no_constant(name, where),
+                          parse_float=lambda digits: _finite(digits, where))
     except json.JSONDecodeError as exc:
         raise GoraError(f"{printable(where)}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}).") \
             from None
-    except (UnicodeDecodeError, RecursionError) as exc:
-        reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else "nested too deeply"
+    except (UnicodeDecodeError, RecursionError, ValueError) as exc:  # ValueError: an integer of 4300+ digits
+        reason = {UnicodeDecodeError: "not UTF-8 text", RecursionError: "nested too deeply"}.get(
+            type(exc), "a number too long to read")
         raise GoraError(f"{printable(where)}: not valid JSON ({reason}).") from None
 
 
@@ -97,6 +103,13 @@ def _unique_keys(pairs: list[tuple[str, Any]], where: object) -> dict[str, Any]:
                             "each key may appear once.")
         out[key] = value
     return out
+
+
+def _finite(digits: str, where: object) -> float:
+    value = float(digits)
+    if not math.isfinite(value):
+        raise GoraError(f"{printable(where)}: JSON number {printable(digits[:40])} is too large to be finite.")
+    return value
 
 
 def _no_constant(name: str, where: object) -> Any:
