@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# GPU check (CUDA, NCCL): what the CPU tests cannot show. On SmolLM2-135M with every linear layer a target:
+#   1. plan with plain data parallelism and with --fsdp (FSDP2 shards), and compare the two plans;
+#   2. train a few bf16 steps under --fsdp and under --deepspeed zero3, with no CPU test patches;
+#   3. export each run as a PEFT adapter and verify it against the trained adapter;
+#   4. (hook) serve the export with vLLM: see "SERVING" below;
+# then print one summary table. Under 8 minutes on one H200 (most of it is process start-up).
+#
+#   scripts/gpu_check.sh [WORK_DIR]        # default out/gpu-check; NPROC defaults to the number of GPUs
+#
+# PYTHON (default .venv/bin/python) must be an environment with the project installed (pip install -e '.[dev]')
+# and a CUDA build of torch. Every step runs under `timeout`; a failed step is reported and the rest still run.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-.venv/bin/python}
+WORK=${1:-out/gpu-check}
+STEP_TIMEOUT=${STEP_TIMEOUT:-300}
+MODEL=${MODEL:-smollm2-135m}
+DATA=${DATA:-sarcasm-lm}
+
+if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
+    echo "gpu_check: no CUDA device is visible to $PYTHON (torch.cuda.is_available() is False); run this on a machine with an NVIDIA GPU and a CUDA build of torch." >&2
+    exit 2
+fi
+NPROC=${NPROC:-$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")}
+mkdir -p "$WORK"
+rm -rf "$WORK"/plan_*.gora "$WORK"/runs "$WORK"/exports "$WORK"/logs
+mkdir -p "$WORK/logs"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} TOKENIZERS_PARALLELISM=false
+
+ROWS=()      # "step|seconds|result|detail"
+FAILED=0
+
+# step NAME DETAIL_COMMAND -- COMMAND...: run COMMAND with a timeout, log it, record time and outcome.
+# DETAIL_COMMAND runs after success and prints one short line for the table (peak memory, difference...).
+step() {
+    local name=$1 detail=$2; shift 3
+    local log="$WORK/logs/$name.log" start end seconds result note
+    echo "[gpu-check] $name: $*"
+    start=$(date +%s.%N)
+    timeout "$STEP_TIMEOUT" "$@" >"$log" 2>&1
+    local rc=$?
+    end=$(date +%s.%N)
+    seconds=$("$PYTHON" -c "print(f'{$end - $start:.1f}')")
+    if [ $rc -eq 0 ]; then
+        result=ok
+        note=$(eval "$detail" 2>/dev/null | tail -n 1)
+    else
+        result="FAILED (rc $rc)"
+        note=$(grep -v '^\s*$' "$log" | grep -iE 'error|exception' | tail -n 1 | cut -c1-110)
+        FAILED=1
+    fi
+    ROWS+=("$name|$seconds|$result|$note")
+}
+
+torchrun=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC")
+plan_args=(build --model "$MODEL" --data "$DATA" --target-modules all-linear --steps 16 --batch-size 4
+           --max-length 128 --dtype bfloat16 --overwrite)
+peak_of() { grep -o 'peak memory [0-9]* MiB' "$WORK/logs/$1.log" | tail -n 1; }
+
+# ---------------------------------------------------------------------------- 1. plan: data parallel vs FSDP
+step plan_ddp "peak_of plan_ddp" -- "${torchrun[@]}" -m goraplan "${plan_args[@]}" -o "$WORK/plan_ddp.gora"
+step plan_fsdp "peak_of plan_fsdp" -- "${torchrun[@]}" -m goraplan "${plan_args[@]}" --fsdp -o "$WORK/plan_fsdp.gora"
+step plans_agree "cat $WORK/logs/plans_agree.log" -- "$PYTHON" - "$WORK/plan_ddp.gora" "$WORK/plan_fsdp.gora" <<'EOF'
+import sys
+import goraplan
+a, b = goraplan.load_plan(sys.argv[1]), goraplan.load_plan(sys.argv[2])
+assert a.ranks == b.ranks, "the sharded plan's ranks differ"
+imp = max(abs(x.importance - y.importance) / x.importance for x, y in zip(a.manifest.modules, b.manifest.modules))
+ten = max(float((a.tensors[k] - b.tensors[k]).abs().max() / a.tensors[k].abs().max()) for k in a.tensors)
+print(f"same ranks; importance rel diff {imp:.1e}, tensors rel diff {ten:.1e}")
+EOF
+
+# ---------------------------------------------------------------------------- 2. train a few bf16 steps
+train_args=(--bf16 --dtype float32 --max-steps 8 --batch-size 4 --logging-steps 1 --save-steps 8 --eval-fraction 0
+            --report-to none --disable-tqdm --overwrite)
+run_peak() { "$PYTHON" -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"{r.get('peak_memory_mb')} MiB peak, train loss {r.get('metrics', r).get('train_loss')}\")" "$WORK/runs/$1/run.json"; }
+step train_fsdp "run_peak fsdp" -- "${torchrun[@]}" -m gorafit run "$WORK/plan_fsdp.gora" --fsdp "${train_args[@]}" \
+    -o "$WORK/runs/fsdp"
+step train_zero3 "run_peak zero3" -- "${torchrun[@]}" -m gorafit run "$WORK/plan_fsdp.gora" --deepspeed zero3 \
+    "${train_args[@]}" -o "$WORK/runs/zero3"
+
+# ---------------------------------------------------------------------------- 3. export and verify
+for run in fsdp zero3; do
+    step "export_$run" "echo exported" -- "$PYTHON" -m gorafit export "$WORK/runs/$run" --format peft \
+        -o "$WORK/exports/$run" --overwrite
+    step "verify_$run" "grep -iE 'match|equal|within' $WORK/logs/verify_$run.log | tail -n 1" -- \
+        "$PYTHON" -m gorafit verify "$WORK/exports/$run"
+done
+
+# ---------------------------------------------------------------------------- 4. SERVING (hook for vLLM)
+# Add the vLLM serving measurement here, as one or more `step` calls on "$WORK/exports/fsdp" (and zero3),
+# e.g.  step serve_vllm "<detail command>" -- "$PYTHON" -m gorafit verify "$WORK/exports/fsdp" --engine vllm ...
+# Each `step` adds its row to the table below; nothing else needs to change.
+if declare -F serving_steps >/dev/null; then serving_steps; fi
+
+# ---------------------------------------------------------------------------- summary
+echo
+echo "GPU check: $MODEL, $NPROC process(es), $("$PYTHON" -c "import torch; print(torch.cuda.get_device_name(0))")"
+printf '| %-14s | %8s | %-14s | %s\n' step seconds result detail
+printf '|%s|%s|%s|%s\n' "----------------" "----------" "----------------" "--------"
+for row in "${ROWS[@]}"; do
+    IFS='|' read -r name seconds result note <<<"$row"
+    printf '| %-14s | %8s | %-14s | %s\n' "$name" "$seconds" "$result" "$note"
+done
+echo "logs: $WORK/logs"
+exit $FAILED
