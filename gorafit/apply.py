@@ -63,6 +63,8 @@ def lora_config_for(plan: Plan, model: nn.Module | None = None) -> LoraConfig:
         bias="none",
         task_type=TaskType.SEQ_CLS if seq_cls else TaskType.CAUSAL_LM,
         modules_to_save=modules_to_save,
+        # The base model's commit, written into adapter_config.json: PEFT loads the base at it.
+        revision=manifest.base_model.revision,
     )
 
 

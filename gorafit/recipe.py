@@ -92,7 +92,12 @@ def train(
     trainer = _make_trainer(peft_model, args, settings, tokenizer, task, train_ds, eval_ds,
                             [JsonLinesLogCallback(run_folder.log_file(out)), *callbacks])
     check_launcher(trainer, settings)
+    lr_search = None
+    if settings.learning_rate == "auto":
+        settings, lr_search = _auto_learning_rate(trainer, settings, train_ds, out)
     record = new_record(plan, plan_path, settings, args, data_info, labels, peft_model, resume_from)
+    if lr_search is not None:
+        record["learning_rate_search"] = lr_search
     if main:
         run_folder.write_record(out, record)
     train_started = time.perf_counter()
@@ -268,6 +273,38 @@ def _make_trainer(peft_model, args: TrainingArguments, settings: TrainSettings, 
         lr_ratio=settings.lr_ratio,
         lr_b_max=settings.lr_b_max,
     )
+
+
+def _auto_learning_rate(trainer: GoraTrainer, settings: TrainSettings, train_ds, out: Path):
+    """``--lr auto``: `gorafit.lr_finder`'s range test on training batches with the run's own optimizer, run
+    once (process 0) before training; the choice goes into the Trainer and the settings, the evidence into
+    the run folder (``lr_search.json``, ``lr_search.png``; ``gorafit inspect`` shows it)."""
+    import math
+
+    from gorafit.lr_finder import search_training_data
+    from gorafit.optim import create_optimizer
+
+    if settings.deepspeed is not None or settings.fsdp is not None:
+        raise GoraError("--lr auto runs its range test on one process holding the whole model, which DeepSpeed and "
+                        "FSDP do not; give --lr a number (e.g. the one a single-device --lr auto run chose)")
+    args, model = trainer.args, trainer.model
+    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    steps = args.max_steps if args.max_steps > 0 else math.ceil(len(train_ds) / batch * args.num_train_epochs)
+
+    def search():
+        model.to(args.device)
+        found = search_training_data(
+            model, train_ds, trainer.data_collator,
+            lambda lr: create_optimizer(model, lr, settings.lr_ratio, settings.lr_b_max, settings.weight_decay),
+            batch_size=batch, train_steps=steps, seed=args.seed, max_grad_norm=args.max_grad_norm)
+        run_folder.save_lr_search(out, found)
+        return found
+
+    found = distributed.from_main(search)
+    args.learning_rate = found.chosen
+    summary = {"chosen": found.chosen, "candidates": len(found.candidates), "seconds": found.seconds,
+               "file": run_folder.LR_SEARCH_FILE}
+    return settings.model_copy(update={"learning_rate": found.chosen}), summary
 
 
 def _fit(trainer: GoraTrainer, resume_from: Path | None, record: dict, out: Path, main: bool):

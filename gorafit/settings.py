@@ -13,7 +13,7 @@ import difflib
 import functools
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -59,6 +59,8 @@ class TrainSettings(BaseModel):
 
     # -- base model
     model: str | None = Field(None, description="Base model (Hub id, folder or built-in alias); default: the plan's.")
+    revision: str | None = Field(None, description="Branch, tag or commit of a Hub model; default: the commit the "
+                                 "plan records, when the model is the plan's.")
     dtype: DType = Field("float32", description="dtype the base model is loaded in.")
     trust_remote_code: bool = Field(False, description="Allow model code from the Hub.")
     ignore_fingerprint: bool = Field(False, description="Train even if the base weights differ from the ones the "
@@ -83,7 +85,9 @@ class TrainSettings(BaseModel):
     resume: bool = Field(False, description="Continue from the last complete checkpoint in the output folder.")
 
     # -- optimisation (paper: AdamW, cosine, 3% warmup, B at 16 x the lr of A; docs/method.md §6)
-    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate of lora_A and the head.")
+    learning_rate: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        1e-4, description="Peak learning rate of lora_A and the head, or auto: a short range test on training "
+        "batches picks it (gorafit.lr_finder; about 10% of the run's cost, evidence in the run folder).")
     lr_ratio: float = Field(LR_RATIO_DEFAULT, gt=0, description="LoRA+: every lora_B trains at this times the "
                             "learning rate (the paper's).")
     lr_b_max: float | None = Field(LR_B_MAX_DEFAULT, gt=0, description="Cap on lora_B's learning rate (never below "
@@ -262,6 +266,8 @@ def learning_rate_warning(settings: TrainSettings) -> str | None:
     >>> learning_rate_warning(TrainSettings(learning_rate=1e-3, lr_b_max=None)).split(";")[0]
     'warning: every lora_B trains at 0.016 (lr 0.001 x lr-ratio 16)'
     """
+    if settings.learning_rate == "auto":  # chosen from the data later; the range test sees any instability
+        return None
     ratio = effective_lr_ratio(settings.learning_rate, settings.lr_ratio, settings.lr_b_max)
     b_lr = settings.learning_rate * ratio
     if b_lr <= MEASURED_STABLE_B_LR and settings.learning_rate <= MEASURED_STABLE_LR:

@@ -143,7 +143,10 @@ def plan_base_model(recorded_name: str, recorded_revision: str | None, model: st
     ('/data/tiny', None)
     """
     if model is not None:
-        return split_model_revision(model, revision)
+        name, revision = split_model_revision(model, revision)
+        if name == recorded_name and revision is None:  # the plan's own model, named again: still its commit
+            revision = recorded_revision
+        return name, revision
     if revision is None:
         revision = recorded_revision
     if looks_like_path(recorded_name) and not Path(recorded_name).expanduser().exists():

@@ -253,3 +253,51 @@ def test_push_without_a_hub_is_one_sentence(two_plans, monkeypatch, tmp_path, ca
     assert err.count("\n") == 1
     code, _, err = run(["push", two_plans[0], "team-a/sarcasm-plan@v1"], capsys)
     assert code == 2 and "give OWNER/NAME (the branch goes in --revision)" in err
+
+
+# ---------------------------------------------------------------------------------------------- gorafit run
+def test_gorafit_run_trains_a_hub_plan_on_the_commit_it_records(hub_model, hub, tiny_text_data, tmp_path, capsys,
+                                                                 cli_env):
+    import json
+
+    from gorafit.cli import cli as fit_cli
+
+    code, _, err = run(["build", "--model", "team-a/tiny@v1.0", "--data", tiny_text_data, "--steps", 2,
+                        "--batch-size", 2, "--rank", 4, "--max-length", 16, "-o", tmp_path / "plan.gora"], capsys)
+    assert code == 0, err
+    fill_hub_cache(hub, "team-a/sarcasm-plan", {PLAN_FILENAME: tmp_path / "plan.gora"}, branch="v1")
+
+    def fit(*args):
+        with pytest.raises(SystemExit) as exc:
+            run_cli(fit_cli, [str(a) for a in ["run", "team-a/sarcasm-plan@v1", *args, "--max-steps", 1,
+                                               "--batch-size", 2, "--disable-tqdm", "--report-to", "none"]])
+        return exc.value.code, *capsys.readouterr()
+
+    # main holds other weights: only the recorded commit passes the fingerprint check
+    code, _, err = fit("-o", tmp_path / "run")
+    assert code == 0, err
+    settings = json.loads((tmp_path / "run" / "run.json").read_text())["settings"]
+    assert (settings["model"], settings["revision"]) == ("team-a/tiny", hub_model["v1.0"])
+    adapter_config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert (adapter_config["base_model_name_or_path"], adapter_config["revision"]) == ("team-a/tiny", hub_model["v1.0"])
+    code, _, err = fit("--revision", "main", "-o", tmp_path / "run-main")
+    assert code == 2 and "fingerprint" in err.splitlines()[-1]
+
+
+def test_gorafit_run_asks_for_model_when_the_plans_folder_is_missing(tiny_model_dir, tiny_text_data, tmp_path,
+                                                                      capsys, cli_env):
+    from gorafit.cli import cli as fit_cli
+
+    folder = tmp_path / "team-a-model"
+    shutil.copytree(tiny_model_dir, folder)
+    code, _, err = run(["build", "--model", folder, "--data", tiny_text_data, "--steps", 2, "--batch-size", 2,
+                        "--rank", 4, "--max-length", 16, "-o", tmp_path / "plan.gora"], capsys)
+    assert code == 0, err
+    shutil.rmtree(folder)  # team B's machine: the plan names a folder it lacks
+    with pytest.raises(SystemExit) as exc:
+        run_cli(fit_cli, ["run", str(tmp_path / "plan.gora"), "--max-steps", "1", "-o", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err == (f"Error: the plan was built on the local folder {folder}, which does not exist here: pass --model "
+                   "with this machine's copy of that model (a folder or Hub id; the weight fingerprint check refuses "
+                   "any other weights).\n")
