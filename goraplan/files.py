@@ -136,8 +136,8 @@ def check_can_write(output: PathLike, *, overwrite: bool = False, inputs: Iterab
 def atomic_file(target: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `target`; rename it onto `target` only if the block succeeds.
 
-    The temporary file exists (empty) and has the umask's permissions; a symlink at `target` is replaced,
-    never written through.
+    The temporary file exists (empty); the target gets the umask's permissions whatever the writer did,
+    and a symlink at `target` is replaced, never written through.
 
     >>> d = Path(tempfile.mkdtemp())
     >>> with atomic_file(d / "a.txt") as tmp:
@@ -152,9 +152,10 @@ def atomic_file(target: PathLike) -> Iterator[Path]:
         fd, name = tempfile.mkstemp(prefix=_partial_prefix(target), suffix=PARTIAL_SUFFIX, dir=target.parent)
     os.close(fd)
     tmp = Path(name)
+    mode = 0o666 & ~current_umask()
     try:
-        tmp.chmod(0o666 & ~current_umask())
         yield tmp
+        tmp.chmod(mode)  # after the block: some writers (safetensors) create the file anew, private
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
