@@ -81,6 +81,10 @@ def run_cmd(plan_path: str, config_file: str | None, **given) -> None:
     distributed.finish()
     if result.is_main_process:
         click.echo(f"trained: {', '.join(_summary(result.metrics))}")
+        search = result.record.get("learning_rate_search")
+        if search:
+            click.echo(f"lr auto: {search['chosen']:.3g} from {search['candidates']} candidates in "
+                       f"{search['seconds']:.1f} s (gorafit inspect {result.output_dir})")
         click.echo(f"adapter: {result.adapter_dir}")
 
 
@@ -94,6 +98,39 @@ def _summary(m: dict) -> list[str]:
     if m.get("eval_accuracy") is not None:
         parts.append(f"eval accuracy {m['eval_accuracy']:.2%}")
     return parts
+
+
+@cli.command("inspect")
+@click.argument("run_dir", metavar="RUN", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the run record and the lr search as JSON.")
+def inspect_cmd(run_dir: str, as_json: bool) -> None:
+    """Show a run folder: status, learning rates, metrics, and how --lr auto chose its lr."""
+    import json
+    from pathlib import Path
+
+    from gorafit import run_folder
+    from gorafit.lr_finder import format_lr_search
+    from goraplan.errors import GoraError
+
+    run = Path(run_dir)
+    record = run_folder.read_record(run)
+    if record is None:
+        raise GoraError(f"{run} holds no run ({run_folder.RUN_FILE} is missing): give the folder gorafit run wrote")
+    search = run_folder.read_lr_search(run)
+    if as_json:
+        click.echo(json.dumps({"run": record, "lr_search": search.to_dict() if search else None}, indent=1))
+        return
+    settings = record.get("settings", {})
+    click.echo(f"run {run}: {record.get('status')}, plan {record.get('plan', {}).get('path')}")
+    click.echo(f"lr {settings.get('learning_rate')} (lora_B {record.get('lora_B_learning_rate')}), "
+               f"{record.get('global_step', '?')} steps")
+    if record.get("metrics"):
+        click.echo(f"metrics: {', '.join(_summary(record['metrics']))}")
+    if search is None:
+        click.echo("lr: given (no --lr auto search)")
+    else:
+        click.echo(format_lr_search(search))
+        click.echo(f"picture: {run / run_folder.LR_SEARCH_PLOT}")
 
 
 cli.add_command(export_cmd, "export")

@@ -45,11 +45,8 @@ __all__ = [
     "save_lr_search",
     "search_training_data",
     "plot_lr_search",
-    "LR_SEARCH_FILE",
 ]
 
-LR_SEARCH_FILE = "lr_search.json"
-LR_SEARCH_PLOT = "lr_search.png"
 QUARTER_DECADE = 10 ** 0.25  # the lattice: the walk moves two steps, then tries one either side of the best
 LR_BOUNDS = (1e-7, 1.0 + 1e-9)  # the walk never leaves these (1.0 itself included)
 
@@ -272,22 +269,22 @@ def search_training_data(model: nn.Module, rows: Sequence[dict], collate: Callab
     return search
 
 
-def save_lr_search(folder: str | Path, search: LrSearch, title: str = "") -> Path:
-    """The evidence beside the run: ``lr_search.json`` (every candidate, its score, the choice) and its
-    picture ``lr_search.png`` (when matplotlib is installed). Returns the JSON's path."""
+def save_lr_search(path: str | Path, search: LrSearch, *, plot_path: str | Path | None = None, title: str = "") -> Path:
+    """Write the evidence: `path` (JSON: every candidate, its score, the choice) and, given `plot_path` and
+    matplotlib, its picture. A run folder's names are `gorafit.run_folder`'s (``save_lr_search`` there)."""
     from goraplan.files import write_json_atomic
 
-    folder = Path(folder)
-    path = write_json_atomic(folder / LR_SEARCH_FILE, search.to_dict(), indent=1)
-    plot_lr_search(search, folder / LR_SEARCH_PLOT, title)
-    return path
+    written = write_json_atomic(path, search.to_dict(), indent=1)
+    if plot_path is not None:
+        plot_lr_search(search, plot_path, title)
+    return written
 
 
-def read_lr_search(folder: str | Path) -> LrSearch | None:
-    """The search a run folder keeps, or None when the run's lr was given."""
+def read_lr_search(path: str | Path) -> LrSearch | None:
+    """The search kept in `path`, or None when there is none."""
     import json
 
-    path = Path(folder) / LR_SEARCH_FILE
+    path = Path(path)
     if not path.is_file():
         return None
     try:

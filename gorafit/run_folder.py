@@ -37,9 +37,11 @@ __all__ = [
     "log_file",
     "looks_like_run",
     "plan_sha256",
+    "read_lr_search",
     "read_record",
     "record_file",
     "run_of_adapter",
+    "save_lr_search",
     "write_record",
 ]
 
@@ -48,9 +50,11 @@ LOG_FILE = "log.jsonl"
 ADAPTER_DIR = "adapter"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's file name for a saved adapter's tensors
 TENSORBOARD_DIR = "runs"
+LR_SEARCH_FILE = "lr_search.json"  # --lr auto: every candidate, its score and the choice (gorafit.lr_finder)
+LR_SEARCH_PLOT = "lr_search.png"  # the same as a picture
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # What a run leaves in its folder: a folder holding any of these holds a run.
-_RUN_ARTIFACTS = (RUN_FILE, LOG_FILE, ADAPTER_DIR, TENSORBOARD_DIR)
+_RUN_ARTIFACTS = (RUN_FILE, LOG_FILE, ADAPTER_DIR, TENSORBOARD_DIR, LR_SEARCH_FILE, LR_SEARCH_PLOT)
 
 
 def record_file(run: Path) -> Path:
@@ -104,6 +108,20 @@ def label_names(record: dict[str, Any]) -> list[str] | None:
     """The class names a seq-cls run was trained with (None for causal-lm)."""
     plan = record.get("plan")
     return plan.get("labels") if isinstance(plan, dict) else None
+
+
+def save_lr_search(run: Path, search) -> Path:
+    """Keep a ``--lr auto`` search (a `gorafit.lr_finder.LrSearch`) beside the run: JSON and picture."""
+    from gorafit.lr_finder import save_lr_search as save
+
+    return save(Path(run) / LR_SEARCH_FILE, search, plot_path=Path(run) / LR_SEARCH_PLOT)
+
+
+def read_lr_search(run: Path):
+    """The run's ``--lr auto`` search, or None when its lr was given."""
+    from gorafit.lr_finder import read_lr_search as read
+
+    return read(Path(run) / LR_SEARCH_FILE)
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints

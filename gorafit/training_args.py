@@ -37,7 +37,8 @@ def training_arguments(settings: TrainSettings, task: str, *, has_eval: bool, re
     fsdp, fsdp_config = fsdp_arguments(settings.fsdp, settings.fsdp_config)
     kwargs: dict[str, Any] = dict(
         output_dir=str(Path(settings.output_dir)),
-        learning_rate=settings.learning_rate,
+        # --lr auto: the recipe sets the chosen lr here after its range test (recipe._auto_learning_rate)
+        learning_rate=settings.learning_rate if settings.learning_rate != "auto" else 0.0,
         num_train_epochs=settings.num_train_epochs,
         max_steps=settings.max_steps,
         per_device_train_batch_size=settings.per_device_train_batch_size,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -110,13 +111,13 @@ def test_on_a_tiny_lora_model_the_search_is_kept_and_shown(tmp_path):
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
     assert search.chosen in [c.lr for c in search.candidates] and len(search.candidates) >= 4
     assert search.probe_batch_size == 2 and search.held_out_batches == 1 and search.extra["train_steps"] == 40
-    save_lr_search(tmp_path, search, "tiny")
-    again = read_lr_search(tmp_path)
+    save_lr_search(tmp_path / "lr_search.json", search, plot_path=tmp_path / "lr_search.png", title="tiny")
+    again = read_lr_search(tmp_path / "lr_search.json")
     assert again.chosen == search.chosen and [c.lr for c in again.candidates] == [c.lr for c in search.candidates]
     assert (tmp_path / "lr_search.png").read_bytes()[:4] == b"\x89PNG"
     text = format_lr_search(again)
     assert "<- chosen" in text and f"{search.chosen:.3g}" in text
-    assert read_lr_search(tmp_path / "elsewhere") is None
+    assert read_lr_search(tmp_path / "elsewhere.json") is None
 
 
 def test_the_probe_budget_shrinks_with_the_run():
@@ -134,3 +135,33 @@ def test_probe_batches_come_from_training_rows_and_keep_the_held_out_batch_apart
     assert not set(train_ix) & set(held[0]["ix"].tolist()) and len(set(train_ix)) == len(train_ix)
     with pytest.raises(GoraError, match="--lr auto needs at least"):
         probe_batches(20, lambda ix: {}, 32, 94, seed=0)
+
+
+def test_gorafit_run_lr_auto_keeps_its_evidence_and_inspect_shows_it(tmp_path, capsys, cli_env):
+    from gorafit.cli import cli
+    from goraplan.cli_support import run_cli
+    from tests.gorafit.test_train import make_run_inputs
+
+    inputs = make_run_inputs(tmp_path / "in", "causal-lm", n=120)
+    out = tmp_path / "run"
+
+    def gorafit(*args):
+        with pytest.raises(SystemExit) as exc:
+            run_cli(cli, [str(a) for a in args])
+        stdout, err = capsys.readouterr()
+        return exc.value.code, stdout, err
+
+    code, stdout, err = gorafit("run", inputs["plan"], "--lr", "auto", "--max-steps", 30, "--batch-size", 4, "-o", out,
+                                "--disable-tqdm", "--report-to", "none", "--eval-fraction", 0.1)
+    assert code == 0, err
+    record = json.loads((out / "run.json").read_text())
+    search = json.loads((out / "lr_search.json").read_text())
+    chosen = search["chosen"]
+    assert record["learning_rate_search"]["chosen"] == chosen == record["settings"]["learning_rate"]
+    assert record["training_arguments"]["learning_rate"] == chosen  # the Trainer trained at the chosen lr
+    assert f"lr auto: {chosen:.3g}" in stdout and (out / "lr_search.png").is_file()
+    code, stdout, err = gorafit("inspect", out)
+    assert code == 0, err
+    assert "<- chosen" in stdout and f"{chosen:.3g}" in stdout
+    code, stdout, err = gorafit("inspect", tmp_path / "in")
+    assert code == 2 and "holds no run" in err
