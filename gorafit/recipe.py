@@ -291,11 +291,16 @@ def _auto_learning_rate(trainer: GoraTrainer, settings: TrainSettings, train_ds,
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     steps = args.max_steps if args.max_steps > 0 else math.ceil(len(train_ds) / batch * args.num_train_epochs)
 
+    # the Trainer's optimizer class, as GoraTrainer.create_optimizer takes it (building TrainingArguments
+    # anew to look it up would reset the Trainer's accelerator state)
+    optim = trainer.optimizer_cls_and_kwargs or trainer.get_optimizer_cls_and_kwargs(args, model)
+
     def search():
         model.to(args.device)
         found = search_training_data(
             model, train_ds, trainer.data_collator,
-            lambda lr: create_optimizer(model, lr, settings.lr_ratio, settings.lr_b_max, settings.weight_decay),
+            lambda lr: create_optimizer(model, lr, settings.lr_ratio, settings.lr_b_max, settings.weight_decay,
+                                        optim=optim),
             batch_size=batch, train_steps=steps, seed=args.seed, max_grad_norm=args.max_grad_norm)
         run_folder.save_lr_search(out, found)
         return found
