@@ -95,6 +95,10 @@ def build(model_name, revision, ranks_from, data, split, columns, packing, dtype
     if fsdp and not distributed.launched():
         raise GoraError("--fsdp shards the model over the processes torchrun starts: run "
                         "torchrun --nproc_per_node N -m goraplan build --fsdp ...")
+    if fsdp:
+        from goraplan.sharded import check_importance_metric
+
+        check_importance_metric(settings.importance)  # before the model and data are loaded
     started = time.perf_counter()
     rank_id = distributed.init_if_launched()
 
@@ -114,9 +118,9 @@ def build(model_name, revision, ranks_from, data, split, columns, packing, dtype
     labels = data_mod.label_names_of(records) if task == "seq-cls" else None
     from goraplan.sharded_load import load_sharded_model
 
-    model, tokenizer = (load_sharded_model if fsdp else load_model)(model_name, task, dtype=dtype, num_labels=len(labels) if labels else None,
-                                  label_names=labels, trust_remote_code=trust_remote_code, seed=seed,
-                                  revision=commit)
+    loader = load_sharded_model if fsdp else load_model
+    model, tokenizer = loader(model_name, task, dtype=dtype, num_labels=len(labels) if labels else None,
+                              label_names=labels, trust_remote_code=trust_remote_code, seed=seed, revision=commit)
     fixed_ranks = reuse.reusable_ranks(other, model, ranks_from) if other else None
     find_target_modules(model, settings.resolved().target_modules)  # fails fast, before any gradient step
     ds, info = data_mod.prepare(data, tokenizer, task, split=split, max_length=settings.max_length,
@@ -130,7 +134,7 @@ def build(model_name, revision, ranks_from, data, split, columns, packing, dtype
     bar = progress_reporter(settings.steps, "gradient steps", enabled=rank_id == 0)
 
     def progress(step: int, loss: float) -> None:
-        bar.advance(distributed.world(), loss=f"{loss:.4f}")
+        bar.advance(min(distributed.world(), settings.steps - step), loss=f"{loss:.4f}")  # this round's steps
 
     plan = build_plan(model, batches, settings, model_name=model_name, data_source=data, data_split=split,
                       labels=labels, progress=progress, fixed_ranks=fixed_ranks, model_revision=commit)

@@ -2,7 +2,7 @@
 
 Each of ``W`` processes keeps a slice of the rows (``out_features``) of every weight, and so of every
 gradient accumulator: what one process holds of the targets is about ``1/W`` of the whole. The maths
-allows it (docs/method.md, "Planning a sharded model"):
+allows it (docs/method.md §1, §2 and §4):
 
 - the gradient: FSDP reduce-scatters each backward's gradient, so the post-accumulate-grad hook of a
   sharded weight receives this process's rows of the gradient summed over processes;
