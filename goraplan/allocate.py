@@ -11,6 +11,11 @@ Two modes:
   unclipped modules in proportion to ``a_i`` (repeated until no new module clips), then the real-valued
   ranks are rounded with largest remainders, so ``sum_i r_i * f_i <= B`` and it is within one module's cost of the budget
   unless every module with importance is already at ``r_max``.
+
+Serving (docs/method.md §7): vLLM pads every adapter to its ``--max-lora-rank``, one of
+`SERVING_RANKS`, so a served adapter costs ``R * sum_i f_i`` parameters per adapter slot, whatever its
+own ranks; `serving_rank` gives the smallest ``R`` that holds a plan, and capping ``r_max`` at a chosen
+``R`` (``goraplan build --serve-rank R``) keeps a plan inside that bucket.
 """
 
 from __future__ import annotations
@@ -21,6 +26,26 @@ from typing import Literal, get_args
 
 AllocationMode = Literal["exact", "paper"]
 ALLOCATION_MODES: tuple[str, ...] = get_args(AllocationMode)
+# vLLM's `--max-lora-rank` accepts exactly these values (vllm/config/lora.py, MaxLoRARanks).
+SERVING_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def serving_rank(max_rank: int) -> int | None:
+    """The smallest vLLM ``--max-lora-rank`` that holds an adapter whose largest rank is `max_rank`; None above 512.
+
+    >>> serving_rank(8), serving_rank(9), serving_rank(24), serving_rank(600)
+    (8, 16, 32, None)
+    """
+    return next((allowed for allowed in SERVING_RANKS if max_rank <= allowed), None)
+
+
+def padded_parameters(costs: Mapping[str, int], rank: int) -> int:
+    """Parameters a server that pads every module to `rank` holds for these modules (one adapter slot).
+
+    >>> padded_parameters({"q": 1152, "v": 768}, 32)
+    61440
+    """
+    return rank * sum(costs.values())
 
 
 def lora_budget(costs: Mapping[str, int], r0: int) -> int:

@@ -23,7 +23,7 @@ from goraplan.untrusted import printable
 __all__ = ["ALLOCATION_FIELDS", "adopt_allocation", "reusable_ranks", "record_ranks_source"]
 
 # What the other plan decides: which modules (and so the budget) and the rank bounds it allocated within.
-ALLOCATION_FIELDS = ("target_modules", "rank", "min_rank", "max_rank", "allocation")
+ALLOCATION_FIELDS = ("target_modules", "rank", "min_rank", "max_rank", "serve_rank", "allocation")
 
 
 def adopt_allocation(settings: PlanSettings, other: Plan) -> PlanSettings:

@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
+from goraplan.allocate import SERVING_RANKS, padded_parameters, serving_rank
 from goraplan.errors import GoraError
 from goraplan.files import atomic_file, check_can_write
 from goraplan.plan import Plan
@@ -44,6 +45,7 @@ def summary_lines(plan: Plan) -> list[str]:
         f"params     {t.allocated:,} allocated of a {t.budget:,} budget (plain LoRA r={s.rank}: "
         f"{t.lora_equivalent:,}; ratio {t.ratio:.4f})",
     ]
+    lines.append(_serving_line(man.modules, s.serve_rank, t.allocated))
     if man.ranks_from:
         rf = man.ranks_from
         lines.append(f"ranks from {printable(rf.source)} (sha256 {rf.plan_sha256[:16]}, allocated on "
@@ -54,6 +56,19 @@ def summary_lines(plan: Plan) -> list[str]:
         lines.append(f"step size  chose {ss.chosen:g} on {ss.held_out_batches} held-out batches "
                      f"(base loss {ss.base_loss:.4f}; {tried})")
     return _inert(lines)
+
+
+def _serving_line(modules, serve_rank: int | None, allocated: int) -> str:
+    """The vLLM ``--max-lora-rank`` this plan is served at, and what padding every module to it costs."""
+    largest = max(m.rank for m in modules)
+    bucket = serve_rank or serving_rank(largest)
+    if bucket is None:
+        return f"serving    largest rank {largest} is above {SERVING_RANKS[-1]}, the largest --max-lora-rank vLLM accepts"
+    padded = padded_parameters({m.name: sum(m.shape) for m in modules}, bucket)
+    why = "set by --serve-rank" if serve_rank else f"the smallest holding rank {largest}"
+    return (f"serving    vLLM --max-lora-rank {bucket} ({why}): every module padded to rank {bucket}, "
+            f"{padded:,} params per adapter = {padded / allocated:.2f}x allocated (throughput and LoRA memory "
+            f"follow this bucket, not the budget)")
 
 
 def type_table_lines(plan: Plan) -> list[str]:

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from goraplan.allocate import AllocationMode
+from goraplan.allocate import SERVING_RANKS, AllocationMode
 from goraplan.errors import GoraError
 from goraplan.importance import ImportanceMetric
 from goraplan.step_size import STEP_SIZE_CANDIDATES
@@ -36,6 +36,12 @@ class PlanSettings(BaseModel):
     rank: int = Field(8, ge=1, description="r0: plain LoRA's rank; the budget is r0 * sum(out + in).")
     min_rank: int | None = Field(None, ge=1, description="Smallest rank a module gets; default max(1, r0 // 2).")
     max_rank: int | None = Field(None, ge=1, description="Largest rank a module gets; default 4 * r0.")
+    serve_rank: int | None = Field(
+        None,
+        description="The vLLM --max-lora-rank the adapter will be served at (one of "
+        f"{', '.join(map(str, SERVING_RANKS))}); vLLM pads every module to it, so max rank defaults to "
+        "min(4 * r0, serve rank) and may not exceed it.",
+    )
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; scaling is rsLoRA's alpha / sqrt(r_i).")
     step_size: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
         0.05,
@@ -55,6 +61,8 @@ class PlanSettings(BaseModel):
 
     @model_validator(mode="after")
     def _ranks_in_order(self) -> PlanSettings:
+        if self.serve_rank is not None:
+            self._check_serve_rank(self.serve_rank)
         r = self.resolved_rank_bounds()
         if r[0] > r[1]:
             raise ValueError(f"min rank {r[0]} is larger than max rank {r[1]}")
@@ -67,9 +75,22 @@ class PlanSettings(BaseModel):
         """Batches of data a build reads: N gradient steps, plus K held-out ones for step_size 'auto'."""
         return self.steps + (self.held_out_steps if self.step_size == "auto" else 0)
 
+    def _check_serve_rank(self, serve_rank: int) -> None:
+        if serve_rank not in SERVING_RANKS:
+            raise ValueError(f"serve rank {serve_rank} is not a value of vLLM's --max-lora-rank: use one of "
+                             f"{', '.join(map(str, SERVING_RANKS))}")
+        if self.rank > serve_rank:
+            raise ValueError(f"rank {self.rank} (r0) is above serve rank {serve_rank}: lower --rank or raise "
+                             f"--serve-rank")
+        if self.max_rank is not None and self.max_rank > serve_rank:
+            raise ValueError(f"max rank {self.max_rank} is above serve rank {serve_rank}, and vLLM refuses an adapter "
+                             f"whose rank exceeds --max-lora-rank: lower --max-rank or raise --serve-rank")
+
     def resolved_rank_bounds(self) -> tuple[int, int]:
         r_min = self.min_rank if self.min_rank is not None else max(1, self.rank // 2)
         r_max = self.max_rank if self.max_rank is not None else 4 * self.rank
+        if self.max_rank is None and self.serve_rank is not None:
+            r_max = min(r_max, self.serve_rank)
         return r_min, r_max
 
     def resolved(self) -> PlanSettings:
