@@ -73,7 +73,7 @@ def vm_hwm_mib() -> float | None:
 
 def prepare(model: str, folder: str, existing: str | None = None) -> None:
     """Child: resolve the base model and make the adapter, so the parent stays small (see `measure`)."""
-    from gorafit.export import module_ranks, read_adapter
+    from gorafit.saved_adapter import module_ranks, read_adapter
     from goraplan.models import resolve_model_path
 
     base_path = resolve_model_path(model)
@@ -137,8 +137,8 @@ def make_adapter(base_path: str, folder: Path) -> Path:
 
 def vllm_throughput(python: str, base_path: str, adapter: Path, prompts: int, prompt_len: int, new_tokens: int,
                     rounds: int) -> dict:
-    from gorafit.export import read_adapter, smallest_max_lora_rank
-    from gorafit.verify import run_vllm_jobs
+    from gorafit.saved_adapter import read_adapter
+    from gorafit.vllm_serving import run_vllm_jobs, smallest_max_lora_rank
 
     config, _, _ = read_adapter(adapter)
     max_rank = max([config["r"], *(config.get("rank_pattern") or {}).values()])

@@ -11,13 +11,14 @@ import sys
 
 import click
 
-from gorafit.export import FORMATS, export_merged, export_onnx, export_peft
-from gorafit.verify import ENGINES
+from gorafit.export import DTYPES, FORMATS, export_merged, export_onnx, export_peft
+from gorafit.verify import ENGINES, verify
 from goraplan.errors import GoraError
+from goraplan.untrusted import printable
 
 __all__ = ["export_cmd", "verify_cmd"]
 
-DTYPES = ("float32", "bfloat16", "float16")
+_TRUST_HELP = "Run Python code shipped with the base model (its config's auto_map); off unless given, never asked."
 
 
 @click.command("export")
@@ -31,9 +32,10 @@ DTYPES = ("float32", "bfloat16", "float16")
               help="merged/onnx: dtype of the written weights (merging itself is done in float32).")
 @click.option("--base", "base", default=None,
               help="Base model (Hub id, folder or built-in name); default: the adapter's base_model_name_or_path.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--trust-remote-code", is_flag=True, help=_TRUST_HELP)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is a previous export (nothing else is deleted).")
 def export_cmd(run_or_adapter: str, format_: str, output: str, vllm_legacy: bool, dtype: str, base: str | None,
-               overwrite: bool) -> None:
+               trust_remote_code: bool, overwrite: bool) -> None:
     """Export a trained adapter (a `gorafit run` folder or a PEFT adapter folder).
 
     \b
@@ -50,19 +52,22 @@ def export_cmd(run_or_adapter: str, format_: str, output: str, vllm_legacy: bool
             raise GoraError("--dtype applies to --format merged and onnx; a peft export keeps the adapter's own dtype.")
         result = export_peft(run_or_adapter, output, vllm_legacy=vllm_legacy, overwrite=overwrite)
     elif format_ == "merged":
-        result = export_merged(run_or_adapter, output, base=base, dtype=dtype, overwrite=overwrite)
+        result = export_merged(run_or_adapter, output, base=base, dtype=dtype, overwrite=overwrite,
+                               trust_remote_code=trust_remote_code)
     else:
-        result = export_onnx(run_or_adapter, output, base=base, dtype=dtype, overwrite=overwrite)
+        result = export_onnx(run_or_adapter, output, base=base, dtype=dtype, overwrite=overwrite,
+                             trust_remote_code=trust_remote_code)
 
     ranks = sorted(result.ranks.values())
     label = "peft, vLLM legacy" if result.vllm_legacy else result.format
     click.echo(f"Wrote {result.out} ({label}, {len(ranks)} modules, ranks {ranks[0]}..{ranks[-1]}) "
                f"in {result.seconds:.1f} s.")
     for problem in result.problems:
-        click.echo(f"Warning: vLLM would refuse this adapter: {problem}", err=True)
-    if result.format == "peft":
+        click.echo(f"Warning: vLLM would refuse this adapter: {printable(problem)}", err=True)
+    serve = result.serve_command(base)
+    if serve:
         click.echo("Serve it with vLLM:")
-        click.echo(f"  {result.serve_command(base)}")
+        click.echo(f"  {printable(serve)}")
     click.echo(f"Check it: gorafit verify {result.out}"
                + (" --engine onnx" if result.format == "onnx" else "")
                + (f" --base {base}" if base else ""))
@@ -81,9 +86,11 @@ def export_cmd(run_or_adapter: str, format_: str, output: str, vllm_legacy: bool
 @click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=16, show_default=True)
 @click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
               help="Largest |logprob difference| accepted (float32).")
+@click.option("--trust-remote-code", is_flag=True, help=_TRUST_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 def verify_cmd(export_dir: str, base: str | None, engine: str, python: str | None, reference: str | None,
-               prompts: tuple[str, ...], max_new_tokens: int, tolerance: float, as_json: bool) -> None:
+               prompts: tuple[str, ...], max_new_tokens: int, tolerance: float, trust_remote_code: bool,
+               as_json: bool) -> None:
     """Check an export against the trained adapter: greedy tokens equal, log-probs within --tolerance.
 
     Exits 1 on a mismatch.
@@ -94,10 +101,9 @@ def verify_cmd(export_dir: str, base: str | None, engine: str, python: str | Non
       gorafit verify out/gora-adapter --engine vllm --python .venv-serve/bin/python
       gorafit verify out/onnx --engine onnx
     """
-    from gorafit.verify import verify
-
     report = verify(export_dir, base=base, engine=engine, reference=reference, prompts=list(prompts) or None,
-                    max_new_tokens=max_new_tokens, tolerance=tolerance, python=python)
+                    max_new_tokens=max_new_tokens, tolerance=tolerance, python=python,
+                    trust_remote_code=trust_remote_code)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

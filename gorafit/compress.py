@@ -26,7 +26,13 @@ from typing import Any
 
 import torch
 
-from gorafit.export import _lora_modules, _pattern_key, _pattern_value, module_ranks, module_scalings
+from gorafit.saved_adapter import (
+    lora_modules,
+    module_pattern_key,
+    module_ranks,
+    module_scalings,
+    pattern_value,
+)
 from goraplan.errors import GoraError
 
 __all__ = [
@@ -182,12 +188,12 @@ def compress_adapter(
                         "export it without --max-rank.")
     ranks = module_ranks(config, tensors)
     scalings = module_scalings(config, ranks)
-    keys = _lora_modules(tensors)
+    keys = lora_modules(tensors)
     new_tensors = dict(tensors)
     alphas: dict[str, float] = {}
     results = []
     for module, rank in ranks.items():
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, module)
+        alpha = pattern_value(config.get("alpha_pattern") or {}, module)
         alphas[module] = config["lora_alpha"] if alpha is None else alpha
         key_a, key_b = keys[module]["A"], keys[module]["B"]
         if rank <= max_rank:
@@ -207,7 +213,7 @@ def compress_adapter(
     new_config = dict(config)
     new_config.update(
         r=min(int(config["r"]), max_rank),
-        rank_pattern={_pattern_key(m): r for m, r in new_ranks.items()},
-        alpha_pattern={_pattern_key(m): alphas[m] for m in new_ranks if alphas[m] != config["lora_alpha"]},
+        rank_pattern={module_pattern_key(m): r for m, r in new_ranks.items()},
+        alpha_pattern={module_pattern_key(m): alphas[m] for m in new_ranks if alphas[m] != config["lora_alpha"]},
     )
     return new_config, new_tensors, report

@@ -206,7 +206,7 @@ def reference_for(answers: list[dict], run_dir: Path, base: str) -> tuple[float,
     """
     import torch
 
-    from gorafit.export import load_adapted_model
+    from gorafit.saved_adapter import load_adapted_model
     from gorafit.verify import greedy_tokens, score_tokens
 
     model, tokenizer, _ = load_adapted_model(run_dir / "adapter", base, torch.float32)
@@ -264,7 +264,8 @@ def main() -> int:
     times["plan_and_train"] = time.perf_counter() - begin
 
     # ---- 2. export native and legacy
-    from gorafit.export import read_adapter, smallest_max_lora_rank
+    from gorafit.saved_adapter import read_adapter
+    from gorafit.vllm_serving import smallest_max_lora_rank
     from goraplan.models import resolve_model_path
 
     exports = {"gora": work / "export-native", "gora-legacy": work / "export-legacy"}

@@ -12,7 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 
 from gorafit.compress import compress_adapter, truncate_lora, update_singular_values
-from gorafit.export import module_ranks, module_scalings, read_adapter
+from gorafit.saved_adapter import module_ranks, module_scalings, read_adapter
 from goraplan.errors import GoraError
 from tests.tiny import tiny_llama
 

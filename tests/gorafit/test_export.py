@@ -27,20 +27,12 @@ from transformers import (
 )
 
 from gorafit import export as export_mod
+from gorafit import run_folder
 from gorafit.cli_export import export_cmd, verify_cmd
-from gorafit.export import (
-    VLLM_MAX_LORA_RANKS,
-    check_vllm_compatible,
-    export_merged,
-    export_onnx,
-    export_peft,
-    fold_scalings,
-    module_ranks,
-    module_scalings,
-    read_adapter,
-    smallest_max_lora_rank,
-)
+from gorafit.export import export_merged, export_onnx, export_peft
+from gorafit.saved_adapter import fold_scalings, module_ranks, module_scalings, read_adapter
 from gorafit.verify import verify
+from gorafit.vllm_serving import VLLM_MAX_LORA_RANKS, check_vllm_compatible, smallest_max_lora_rank
 from goraplan.cli_support import run_cli
 from goraplan.errors import GoraError
 from tests.tiny import make_tokenizer, tiny_bert_cls, tiny_llama
@@ -92,7 +84,7 @@ def export_adapter(export_base_dir, tmp_path_factory) -> tuple[Path, PeftModel]:
     run = tmp_path_factory.mktemp("export-run")
     base = AutoModelForCausalLM.from_pretrained(export_base_dir, dtype=torch.float32)
     model = _make_adapter(base, run / "adapter", TARGETS, "CAUSAL_LM")
-    (run / "run.json").write_text(json.dumps({"plan_sha256": "ab" * 32, "settings": {"learning_rate": 1e-3}}))
+    run_folder.write_record(run, {"plan": {"sha256": "ab" * 32}, "settings": {"learning_rate": 1e-3}})
     return run, model
 
 
