@@ -58,18 +58,19 @@ class Workloads:
 
 
 def todo(mode: Mode, shard: tuple[int, int] = (0, 1), parts: set[str] = frozenset({"auto", "grid"}),
-         max_seeds: int | None = None) -> list[tuple[str, RunSpec]]:
+         max_seeds: int | None = None, workloads: set[str] | None = None) -> list[tuple[str, RunSpec]]:
     """The planned runs of this shard that have no run file and no recorded failure, in run order."""
     have = {r["run_id"] for r in done_records(mode)}
     failures = _failures(mode.results)
     return [(part, s) for part, s in planned(mode)
             if part in parts and s.run_id not in have and s.run_id not in failures and in_shard(s.run_id, shard)
-            and (max_seeds is None or s.seed < max_seeds)]
+            and (max_seeds is None or s.seed < max_seeds) and (workloads is None or s.workload in workloads)]
 
 
 def run_grid(mode: Mode, command: list[str], *, max_minutes: float | None = None, shard: tuple[int, int] = (0, 1),
              parts: set[str] = frozenset({"auto", "grid", "curvature"}), threads: int = 1,
-             max_seeds: int | None = None, say: Callable[[str], None] = print) -> dict:
+             max_seeds: int | None = None, workloads: set[str] | None = None,
+             say: Callable[[str], None] = print) -> dict:
     """Run every missing run of this shard; return counts."""
     import torch
 
@@ -83,24 +84,8 @@ def run_grid(mode: Mode, command: list[str], *, max_minutes: float | None = None
     def out_of_time() -> bool:
         return max_minutes is not None and time.time() - started > 60 * max_minutes
 
-    # curvature first: cheap, and every seed's best lr is compared with it
-    if "curvature" in parts:
-        for spec in curvature_specs(mode):
-            path = curvature_path(mode, spec)
-            if path.is_file() or not in_shard(path.stem, shard) or (max_seeds is not None and spec.seed >= max_seeds):
-                continue
-            if out_of_time():
-                break
-            say(f"[quality] curvature: {path.stem}")
-            try:
-                record = harness.measure_curvature(workload(spec.workload), spec)
-            except Exception as exc:
-                say(f"[quality]   curvature FAILED {path.stem}: {type(exc).__name__}: {exc}")
-                continue
-            record.update(workload_config=workload_config(mode, spec.workload), stamp=stamp(command))
-            write_json_atomic(path, record, indent=1)
     while True:
-        left = todo(mode, shard, parts, max_seeds)
+        left = todo(mode, shard, parts, max_seeds, workloads)
         if not left or out_of_time():
             if left:
                 say(f"[quality] --max-minutes {max_minutes:g} reached; {len(left)} runs left for a rerun")
@@ -121,6 +106,23 @@ def run_grid(mode: Mode, command: list[str], *, max_minutes: float | None = None
         say(f"[quality]   acc {record['accuracy']:.4f}  loss {record['eval_loss']:.4f}  lr {record['lr_used']:.3g}  "
             f"collapsed={record['collapsed']}  train {record['train_s']:.0f}s  auto {record['auto_s']:.0f}s  "
             f"setup {record['setup_s']:.0f}s  eval {record['eval_s']:.0f}s  CPU {record['cpu_s']:.0f}s")
+    # curvature after the runs: the runs answer the main question, the curvature explains it
+    if "curvature" in parts:
+        for spec in curvature_specs(mode):
+            path = curvature_path(mode, spec)
+            if (path.is_file() or not in_shard(path.stem, shard) or (max_seeds is not None and spec.seed >= max_seeds)
+                    or (workloads is not None and spec.workload not in workloads)):
+                continue
+            if out_of_time():
+                break
+            say(f"[quality] curvature: {path.stem}")
+            try:
+                record = harness.measure_curvature(workload(spec.workload), spec)
+            except Exception as exc:
+                say(f"[quality]   curvature FAILED {path.stem}: {type(exc).__name__}: {exc}")
+                continue
+            record.update(workload_config=workload_config(mode, spec.workload), stamp=stamp(command))
+            write_json_atomic(path, record, indent=1)
     say(f"[quality] {done} runs done, {failed} failed in {(time.time() - started) / 60:.1f} min")
     return {"done": done, "failed": failed}
 

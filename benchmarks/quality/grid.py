@@ -174,25 +174,26 @@ MODES = {
 }
 
 
-def specs_of(mode: Mode, workload: str, seed: int) -> list[tuple[str, RunSpec]]:
-    """One seed of one workload: ("auto", spec) for every method first, then ("grid", spec) cells from
-    each window's middle outwards (the cells most likely to hold each method's best run first)."""
+def rounds_of(mode: Mode, workload: str, seed: int) -> list[list[tuple[str, RunSpec]]]:
+    """One seed of one workload in rounds: first every method's ("auto", spec), then ("grid", spec) rounds
+    from each window's middle outwards (the cells most likely to hold each method's best run first)."""
     ms = mode.nlu_methods if workload == "nlu" else mode.nlg_methods
-    out = [("auto", replace(m.template, lr=AUTO, seed=seed)) for m in ms]
+    out = [[("auto", replace(m.template, lr=AUTO, seed=seed)) for m in ms]]
     windows = [_middle(m.lrs, mode.lr_points) for m in ms]
     for k in range(max(map(len, windows), default=0)):
-        out += [("grid", replace(m.template, lr=w[k], seed=seed)) for m, w in zip(ms, windows) if k < len(w)]
+        out.append([("grid", replace(m.template, lr=w[k], seed=seed)) for m, w in zip(ms, windows) if k < len(w)])
     return out
 
 
 def planned(mode: Mode) -> list[tuple[str, RunSpec]]:
-    """Every run of the mode, in the order it runs: seed by seed, each seed NLU then NLG."""
+    """Every run of the mode, in the order it runs: seed by seed; inside a seed, round by round (auto, then
+    the windows from the middle out), each round NLU then NLG, so a grid cut short holds both instruments."""
     out = []
     for i in range(max(len(mode.nlu_seeds), len(mode.nlg_seeds))):
-        if i < len(mode.nlu_seeds):
-            out += specs_of(mode, "nlu", mode.nlu_seeds[i])
-        if i < len(mode.nlg_seeds):
-            out += specs_of(mode, "nlg", mode.nlg_seeds[i])
+        nlu = rounds_of(mode, "nlu", mode.nlu_seeds[i]) if i < len(mode.nlu_seeds) else []
+        nlg = rounds_of(mode, "nlg", mode.nlg_seeds[i]) if i < len(mode.nlg_seeds) else []
+        for k in range(max(len(nlu), len(nlg))):
+            out += (nlu[k] if k < len(nlu) else []) + (nlg[k] if k < len(nlg) else [])
     return out
 
 
