@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
+import os
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -53,9 +55,12 @@ class TrainSettings(BaseModel):
     16.0
     >>> TrainSettings(warmup_steps=10, run_name="a").training_arguments
     {'warmup_steps': 10, 'run_name': 'a'}
+    >>> TrainSettings(lr=3e-4).learning_rate
+    0.0003
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # NaN or infinity in a number (YAML ``.inf``) is refused: a run would "complete" with a NaN adapter.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     # -- base model
     model: str | None = Field(None, description="Base model (Hub id, folder or built-in alias); default: the plan's.")
@@ -78,6 +83,11 @@ class TrainSettings(BaseModel):
     max_train_samples: int | None = Field(None, ge=1, description="Use at most this many examples of --data (before "
                                           "the eval share is held out).")
     max_eval_samples: int | None = Field(None, ge=1, description="Use at most this many eval examples.")
+    columns: dict[str, str] | str | None = Field(
+        None, description="Read your data set's columns as the standard ones: STANDARD=YOURS,... (e.g. "
+        "prompt=question,completion=answer), or a mapping in a config file.")
+    packing: bool = Field(False, description="Pack several causal-lm examples into each --max-length row (each "
+                          "still attends only to itself).")
 
     # -- run folder
     output_dir: str | None = Field(None, description="Run folder; default: runs/<plan name>.")
@@ -141,10 +151,11 @@ class TrainSettings(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _training_arguments_aside(cls, values: Any) -> Any:
-        """Move TrainingArguments fields that are not gorafit settings into ``training_arguments``."""
+        """Short names to full ones (``lr``), and TrainingArguments fields that are not gorafit settings into
+        ``training_arguments``."""
         if not isinstance(values, dict):
             return values
-        own, passed, unknown = sort_keys(values)
+        own, passed, unknown = sort_keys({SETTING_ALIASES.get(k, k): v for k, v in values.items()})
         if unknown:
             raise ValueError(unknown_keys_message(unknown))
         if passed:
@@ -168,9 +179,27 @@ class TrainSettings(BaseModel):
                 problems.append(f"unknown fsdp option {unknown[0]!r}; use {', '.join(FSDP_OPTIONS)}")
         if "output_dir" in self.training_arguments:
             problems.append("set the run folder with output_dir, not inside training_arguments")
+        problems += [f"{key} is {value!r}, not a finite number" for key, value in _non_finite(self.training_arguments)]
+        if self.dataloader_num_workers > MAX_DATALOADER_WORKERS:
+            problems.append(f"dataloader_num_workers {self.dataloader_num_workers} is more than "
+                            f"{MAX_DATALOADER_WORKERS} (4 per CPU core of this machine)")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+MAX_DATALOADER_WORKERS = 4 * (os.cpu_count() or 1)  # beyond this, starting the workers is what takes the time
+
+
+def _non_finite(values: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """(key path, value) of every NaN or infinite float in nested settings (passed-through TrainingArguments)."""
+    if isinstance(values, float):
+        return [] if math.isfinite(values) else [(prefix, values)]
+    if isinstance(values, dict):
+        return [found for k, v in values.items() for found in _non_finite(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(values, list | tuple):
+        return [found for i, v in enumerate(values) for found in _non_finite(v, f"{prefix}[{i}]")]
+    return []
 
 
 @functools.cache

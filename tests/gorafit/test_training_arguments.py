@@ -35,6 +35,8 @@ def test_training_arguments_fields_sit_beside_gorafit_settings():
                       report_to=["tensorboard"])
     assert s.training_arguments == {"warmup_steps": 3, "torch_compile": True, "run_name": "gora"}
     assert s.report_to == ["tensorboard"] and s.learning_rate == 1e-4
+    short = TrainSettings(lr=3e-4, epochs=2)  # the command line's short names work in Python too
+    assert (short.learning_rate, short.num_train_epochs, short.training_arguments) == (3e-4, 2, {})
     with pytest.raises(ValueError, match="unknown setting 'warmup_stepz' \\(did you mean 'warmup_steps'\\?\\)"):
         TrainSettings(warmup_stepz=3)
 
