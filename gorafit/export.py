@@ -265,7 +265,8 @@ def _staging(out: Path, overwrite: bool, source: AdapterSource, base: str | None
     """A temporary folder beside `out`, renamed to `out` only when the block succeeds.
 
     Refused before any work (loading a model can take minutes): an `out` that is, holds or lies inside
-    one of the export's inputs.
+    one of the export's inputs, and an existing `out` that is not a previous export (``--overwrite``
+    replaces only what gorafit export wrote).
     """
     roles = {"the adapter being exported": source.adapter_dir, "the run it was trained in": source.run_dir,
              "the base model": _local_folder(base)}
@@ -275,6 +276,8 @@ def _staging(out: Path, overwrite: bool, source: AdapterSource, base: str | None
         except GoraError:
             raise GoraError(f"output {printable(out)} is (or holds, or lies inside) {role}, {printable(path)}: "
                             f"choose another -o.") from None
+    if overwrite:
+        _check_replaceable(out)
     with staged_dir(out, overwrite=overwrite, inputs=roles.values()) as tmp:
         yield tmp
 
@@ -290,6 +293,22 @@ def _local_folder(base: str | None) -> Path | None:
     except GoraError:
         return None
     return path if path.is_dir() else None
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse to replace a folder holding anything a previous `gorafit export` did not write there."""
+    if not out.is_dir() or out.is_symlink() or not any(out.iterdir()):
+        return
+    written: set[str] = set()
+    if (out / EXPORT_RECORD).is_file():
+        try:
+            written = set(read_json_object(out / EXPORT_RECORD, "export record").get("files") or [])
+        except GoraError:
+            written = set()
+    foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in written)
+    if foreign:
+        raise GoraError(f"output {printable(out)} holds {printable(foreign[0])}, which gorafit export did not write: "
+                        f"--overwrite replaces only a previous export; move it away or choose another -o.")
 
 
 def read_export_record(export_dir: Path) -> dict[str, Any]:

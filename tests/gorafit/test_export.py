@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 from pathlib import Path
 
 import click
@@ -367,11 +368,118 @@ def test_existing_output_needs_overwrite(export_adapter, tmp_path):
         with pytest.raises(GoraError, match=r"already exists: pass --overwrite"):
             call()
     assert (out / "old.txt").read_text() == "old"
-    export_peft(run, out, overwrite=True)
-    assert not (out / "old.txt").exists() and (out / "adapter_config.json").is_file()
+    with pytest.raises(GoraError, match=r"holds old.txt, which gorafit export did not write"):
+        export_peft(run, out, overwrite=True)  # --overwrite replaces a previous export, never a user's file
+    assert (out / "old.txt").read_text() == "old"
+    (out / "old.txt").unlink()
+    export_peft(run, out, overwrite=True)  # an empty folder
+    export_peft(run, out, overwrite=True, vllm_legacy=True)  # a previous export
+    assert json.loads((out / "adapter_config.json").read_text())["use_rslora"] is False
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folders left behind
     with pytest.raises(GoraError, match="is .*the adapter being exported"):
         export_peft(run, run / "adapter", overwrite=True)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_replaces_an_input_or_a_foreign_file(export_adapter, export_base_dir, tmp_path, capsys,
+                                                              monkeypatch):
+    """A hostile choice of -o with --overwrite: the run, its adapter, the base model, a folder holding them, or a
+    folder with someone's file in it. Every one is refused with one sentence, and not one file changes."""
+    monkeypatch.delenv("GORA_DEBUG", raising=False)
+    source, _ = export_adapter
+    run, base = tmp_path / "run", tmp_path / "base"
+    shutil.copytree(source, run)
+    shutil.copytree(export_base_dir, base)
+    (run / "checkpoint-2").mkdir()
+    (run / "checkpoint-2" / "precious.bin").write_bytes(b"step 2")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep me")
+    before = _snapshot(tmp_path)
+    merged = {"base": str(base)}
+    refusals = [
+        (export_peft, {}, run, "holds.* the adapter being exported"),
+        (export_peft, {}, run / "adapter", "is .*the adapter being exported"),
+        (export_peft, {}, run / "checkpoint-2", "lies inside.* the run it was trained in"),
+        (export_peft, {}, tmp_path, "holds.* the adapter being exported"),
+        (export_peft, {}, tmp_path / "notes", "holds mine.txt, which gorafit export did not write"),
+        (export_peft, {}, base, "holds config.json, which gorafit export did not write"),
+        (export_merged, merged, base, "is .*the base model"),
+        (export_merged, merged, base / "merged", "lies inside.* the base model"),
+        (export_merged, merged, run, "holds.* the adapter being exported"),
+    ]
+    for export, kwargs, out, message in refusals:
+        with pytest.raises(GoraError, match=message):
+            export(run, out, overwrite=True, **kwargs)
+    with pytest.raises(GoraError, match="holds.* the adapter being exported"):
+        export_peft(run / "adapter", tmp_path / "run", overwrite=True)  # the adapter given directly
+    code, _, err = _run_cli(["export", str(run), "--format", "merged", "--base", str(base), "-o", str(base),
+                             "--overwrite"], capsys)
+    assert code == 2 and err.startswith("Error: output") and "Traceback" not in err
+    assert _snapshot(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "notes", "run"]
+
+
+_KILLED_EXPORT = """
+import sys, time
+from gorafit import export
+def stall(*args, **kwargs):
+    print("staging", flush=True)
+    time.sleep(600)
+export.save_file = stall
+export.export_peft(sys.argv[1], sys.argv[2], overwrite=True)
+"""
+
+
+def test_killed_export_leaves_no_staging_behind(export_adapter, tmp_path):
+    """An export killed while it stages leaves a .partial folder (SIGKILL runs no cleanup, nor does SIGTERM
+    without a handler); the next export of the same target removes it, and the previous export survives."""
+    import signal
+    import subprocess
+    import sys
+
+    run, _ = export_adapter
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    killed = {}
+    for signal_name in ("SIGKILL", "SIGTERM"):  # both at once: each child spends its time importing
+        (tmp_path / signal_name).mkdir()
+        export_peft(run, tmp_path / signal_name / "out")
+        killed[signal_name] = subprocess.Popen([sys.executable, "-c", _KILLED_EXPORT, str(run),
+                                                str(tmp_path / signal_name / "out")],
+                                               stdout=subprocess.PIPE, text=True, env=env)
+    for signal_name, proc in killed.items():
+        assert proc.stdout.readline().strip() == "staging"
+        proc.send_signal(getattr(signal, signal_name))
+        proc.wait(timeout=60)
+        folder = tmp_path / signal_name
+        leftovers = [p.name for p in folder.iterdir() if p.name != "out"]
+        assert leftovers and all(name.startswith(".out.") and name.endswith(".partial") for name in leftovers)
+        assert (folder / "out" / "adapter_config.json").is_file()  # the previous export is whole
+        export_peft(run, folder / "out", overwrite=True, vllm_legacy=True)
+        assert [p.name for p in folder.iterdir()] == ["out"]
+        assert json.loads((folder / "out" / "adapter_config.json").read_text())["use_rslora"] is False
+
+
+def test_base_model_code_never_runs_unless_asked(export_adapter, export_base_dir, tmp_path):
+    """A base model folder whose config names its own Python code (auto_map): without --trust-remote-code the
+    export and verify refuse it in one sentence, never asking on the terminal, and the code never runs."""
+    run, _ = export_adapter
+    base = tmp_path / "base"
+    shutil.copytree(export_base_dir, base)
+    marker = tmp_path / "code-ran"
+    (base / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    config = json.loads((base / "config.json").read_text())
+    config.update(model_type="gora-untrusted", auto_map={"AutoConfig": "evil.Config",
+                                                         "AutoModelForCausalLM": "evil.Model"})
+    (base / "config.json").write_text(json.dumps(config))
+    with pytest.raises(GoraError, match="could not load model"):
+        export_merged(run, tmp_path / "merged", base=str(base))
+    export_peft(run, tmp_path / "peft")
+    with pytest.raises(GoraError, match="could not load model"):
+        verify(tmp_path / "peft", base=str(base), prompts=[[3, 4]], max_new_tokens=2)
+    assert not marker.exists() and not (tmp_path / "merged").exists()
 
 
 def test_failed_export_leaves_nothing(export_adapter, tmp_path, monkeypatch):
