@@ -31,7 +31,8 @@ _TRUST_HELP = "Run Python code shipped with the base model (its config's auto_ma
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
               help="merged/onnx: dtype of the written weights (merging itself is done in float32).")
 @click.option("--base", "base", default=None,
-              help="Base model (Hub id, folder or built-in name); default: the adapter's base_model_name_or_path.")
+              help="Base model (Hub id[@REVISION], folder or built-in name); default: the adapter's "
+              "base_model_name_or_path, at the revision it records.")
 @click.option("--trust-remote-code", is_flag=True, help=_TRUST_HELP)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is a previous export (nothing else is deleted).")
 def export_cmd(run_or_adapter: str, format_: str, output: str, vllm_legacy: bool, dtype: str, base: str | None,

@@ -277,7 +277,7 @@ def load_adapted_model(
     """Base model + adapter as a PeftModel in eval mode on CPU, its tokenizer and the adapter config.
 
     The base loads through `goraplan.models.load_model`, so names resolve as everywhere else (built-in
-    aliases, folders, Hub ids) and no model code runs unless `trust_remote_code` is set.
+    aliases, folders, Hub ids, ``OWNER/NAME@REVISION``) and no model code runs unless `trust_remote_code` is set.
 
     >>> model, tokenizer, config = load_adapted_model("runs/sarcasm")  # doctest: +SKIP
     """
@@ -294,7 +294,10 @@ def load_adapted_model(
         names = source.label_names
         labels = ({"label_names": names} if names and len(names) == (num_labels or len(names))
                   else {"num_labels": num_labels})
-    model, tokenizer = load_model(base_model_name(config, base), task, dtype=dtype, device="cpu",
+    name = base_model_name(config, base)
+    # The adapter's own base comes at the commit the adapter records (PEFT's `revision`), as PEFT loads it.
+    revision = config.get("revision") if name == config.get("base_model_name_or_path") else None
+    model, tokenizer = load_model(name, task, dtype=dtype, device="cpu", revision=revision,
                                   trust_remote_code=trust_remote_code, **labels)
     peft_model = PeftModel.from_pretrained(model, str(source.adapter_dir), is_trainable=False)
     peft_model.eval()

@@ -283,6 +283,17 @@ def test_gorafit_run_trains_a_hub_plan_on_the_commit_it_records(hub_model, hub, 
     code, _, err = fit("--revision", "main", "-o", tmp_path / "run-main")
     assert code == 2 and "fingerprint" in err.splitlines()[-1]
 
+    # export and verify rebuild the trained model over the base at the adapter's commit, not at main
+    from gorafit.saved_adapter import load_adapted_model
+
+    weight = "model.embed_tokens.weight"  # not adapted: the base's own
+    v1, _ = load_model("team-a/tiny@v1.0", device="cpu")
+    main, _ = load_model("team-a/tiny@main", device="cpu")
+    adapted, _, _ = load_adapted_model(tmp_path / "run")
+    assert torch.equal(adapted.get_base_model().state_dict()[weight], v1.state_dict()[weight])
+    adapted, _, _ = load_adapted_model(tmp_path / "run", base="team-a/tiny@main")
+    assert torch.equal(adapted.get_base_model().state_dict()[weight], main.state_dict()[weight])
+
 
 def test_gorafit_run_asks_for_model_when_the_plans_folder_is_missing(tiny_model_dir, tiny_text_data, tmp_path,
                                                                       capsys, cli_env):
