@@ -66,6 +66,7 @@ def run_cmd(plan_path: str, config_file: str | None, **given) -> None:
     """Train the adapter PLAN describes (HF Trainer, LoRA+ learning rates) into a run folder."""
     from gorafit.recipe import train
     from gorafit.settings import learning_rate_warning, load_config_file, make_train_settings
+    from gorafit.training_args import launch_warning
     from goraplan import distributed
 
     file_values = load_config_file(config_file) if config_file else {}
@@ -74,9 +75,9 @@ def run_cmd(plan_path: str, config_file: str | None, **given) -> None:
         file_values = {**file_values, "lr_b_max": None}
         del given["lr_b_max"]
     settings = make_train_settings(file_values, **given)
-    warning = learning_rate_warning(settings)
-    if warning and distributed.is_main():
-        click.echo(warning, err=True)
+    for warning in (learning_rate_warning(settings), launch_warning()):
+        if warning and distributed.is_main():
+            click.echo(warning, err=True)
     result = train(plan_path, settings)
     distributed.finish()
     if result.is_main_process:

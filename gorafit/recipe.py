@@ -162,11 +162,19 @@ def resolve_settings(settings: TrainSettings, plan: Plan, plan_path: Path | None
         "data_split": data_split,
         "eval_split": eval_split,
         "max_length": settings.max_length or manifest.settings.max_length,
+        "columns": _column_mapping(settings.columns),
         "seed": settings.seed if settings.seed is not None else manifest.settings.seed,
         "output_dir": settings.output_dir or str(Path("runs") / stem),
         "per_device_eval_batch_size": settings.per_device_eval_batch_size or settings.per_device_train_batch_size,
         "eval_steps": settings.eval_steps if settings.eval_steps is not None else 0.1,
     })
+
+
+def _column_mapping(columns: dict[str, str] | str | None) -> dict[str, str] | None:
+    """``--columns`` checked and as a mapping before any work (run.json records the mapping)."""
+    from goraplan.data import parse_columns
+
+    return parse_columns(columns) or None
 
 
 # ---------------------------------------------------------------------------------------------------- run folder
@@ -232,7 +240,8 @@ def prepare_data(settings: TrainSettings, tokenizer, task: str, labels: list[str
     """Tokenized train and eval sets (eval held out of the train data unless ``eval_data`` is given)."""
     from goraplan.data import prepare, split_train_eval
 
-    common = dict(max_length=settings.max_length, seed=settings.seed, label_names=labels)
+    common = dict(max_length=settings.max_length, seed=settings.seed, label_names=labels, columns=settings.columns,
+                  packing=settings.packing)
     train_ds, info = prepare(settings.data, tokenizer, task, split=settings.data_split,
                              limit=settings.max_train_samples, **common)
     eval_ds = None
@@ -253,6 +262,8 @@ def prepare_data(settings: TrainSettings, tokenizer, task: str, labels: list[str
         "eval_examples": len(eval_ds) if eval_ds is not None else 0,
         "eval_source": settings.eval_data or (f"{settings.eval_fraction:g} of {settings.data}" if eval_ds else None),
         "label_names": info.label_names,
+        "columns": info.columns,
+        "packed": info.packed,
     }
     return train_ds, eval_ds, data_info
 
@@ -267,7 +278,7 @@ def _make_trainer(peft_model, args: TrainingArguments, settings: TrainSettings, 
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=collator_for(tokenizer, task),
+        data_collator=collator_for(tokenizer, task, packed=settings.packing),
         compute_metrics=classification_accuracy if task == "seq-cls" else None,
         callbacks=callbacks,
         lr_ratio=settings.lr_ratio,

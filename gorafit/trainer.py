@@ -41,6 +41,27 @@ class GoraTrainer(Trainer):
                                               self.args.weight_decay, optim=optim)
         return self.optimizer
 
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Every entry that has the learning rate (the first group's: A's) also gets ``learning_rate_B``, the
+        rate lora_B trains at (what decides a collapse), for log.jsonl, TensorBoard and any other reporter."""
+        if "learning_rate" in logs and self.optimizer is not None:
+            ratio = group_lr_ratio(self.optimizer, "lora_B")
+            if ratio is not None:
+                logs = {**logs, "learning_rate_B": logs["learning_rate"] * ratio}
+        super().log(logs, *args, **kwargs)
+
+
+def group_lr_ratio(optimizer: torch.optim.Optimizer, group: str) -> float | None:
+    """How many times the first group's learning rate the group named `group` (or its no-decay twin) trains
+    at. The schedule scales every group alike, so the ratio of their starting rates holds at every step
+    (and the Trainer logs the first group's rate as it was for the step, before the scheduler moved on)."""
+    first = optimizer.param_groups[0]
+    for param_group in optimizer.param_groups:
+        if param_group.get("name") in (group, f"{group}_no_decay"):
+            base = first.get("initial_lr", first["lr"])
+            return param_group.get("initial_lr", param_group["lr"]) / base if base else None
+    return None
+
 
 def classification_accuracy(eval_pred) -> dict[str, float]:
     """``compute_metrics`` for seq-cls: the share of examples whose arg-max logit is the label."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.resources
 import importlib.util
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,7 @@ def training_arguments(settings: TrainSettings, task: str, *, has_eval: bool, re
     if settings.gradient_checkpointing:
         kwargs["activation_checkpointing_kwargs"] = {"use_reentrant": False}
     kwargs.update(settings.training_arguments)
+    check_packages(kwargs["report_to"], kwargs["optim"])
     try:
         return TrainingArguments(**kwargs)
     except (ValueError, TypeError, ImportError) as exc:
@@ -121,6 +123,50 @@ def report_to(spec: str | list[str]) -> list[str]:
         spec = spec.split(",")
     names = [s.strip() for s in spec if s.strip()]
     return [] if names in ([], ["none"]) else names
+
+
+# pip names of the reporting integrations whose package is not called as the integration is
+_REPORTER_PACKAGES = {"neptune": "neptune", "flyte": "flytekit", "dagshub": "dagshub mlflow", "kubeflow": "kubeflow"}
+
+
+def check_packages(report: str | list[str], optim: str) -> None:
+    """``--report-to`` and ``--optim`` may name packages that are not installed: one sentence before any
+    model is loaded, instead of transformers' traceback when the Trainer is made or starts."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    names = report if isinstance(report, list) else [report]
+    available = get_available_reporting_integrations()
+    for name in names:
+        if name in INTEGRATION_TO_CALLBACK and name not in available:
+            raise GoraError(
+                f"--report-to {name} needs the {name} package, which is not installed: pip install "
+                f"{_REPORTER_PACKAGES.get(name, name)}, or report to {', '.join(available) or 'none'} instead"
+            )
+    try:
+        Trainer.get_optimizer_cls_and_kwargs(TrainingArguments(output_dir="unused", optim=optim, report_to=[]), None)
+    except ImportError as exc:
+        raise GoraError(f"--optim {optim} needs a package that is not installed ({first_line(exc)}); install it, "
+                        "or use adamw_torch") from None
+    except (ValueError, TypeError, AttributeError):  # needs the model (e.g. its target modules): checked later
+        pass
+
+
+def launch_warning() -> str | None:
+    """A warning when a launch that asked for several processes runs as one.
+
+    ``accelerate launch --cpu --num_processes N`` uses accelerate's simple launcher: it starts one process
+    (no ``WORLD_SIZE``) but sets ``MASTER_ADDR`` for the group it meant. Several processes on CPUs come from
+    ``accelerate launch --multi_gpu --num_processes N`` (torchrun underneath; gloo on CPUs) or torchrun.
+    """
+    asked_for_group = "MASTER_ADDR" in os.environ and any(k.startswith("ACCELERATE_") for k in os.environ)
+    if not asked_for_group or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return None
+    return ("warning: this run was launched for several processes but runs as one (accelerate launch --cpu starts a "
+            "single process whatever --num_processes says); for N processes on CPUs use accelerate launch --multi_gpu "
+            "--num_processes N, or torchrun --nproc-per-node N")
 
 
 def fsdp_arguments(spec: str | None, config: dict | str | None) -> tuple[bool, dict | None]:
