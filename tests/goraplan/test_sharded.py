@@ -18,6 +18,7 @@ import torch
 import goraplan
 from goraplan import PlanSettings, build_plan
 from goraplan.errors import GoraError
+from goraplan.targets import find_target_modules
 from tests.tiny import random_batches, tiny_llama
 
 pytestmark = pytest.mark.dist
@@ -59,6 +60,7 @@ BROKEN = (tiny_llama, lambda: with_broken_batch(random_batches(4)), dict(steps=4
 
 def _worker(out: Path) -> None:
     from goraplan import distributed
+    from goraplan.gradients import accumulate_gradients
     from goraplan.sharded import shard_model
 
     rank = distributed.init_if_launched()
@@ -68,6 +70,11 @@ def _worker(out: Path) -> None:
         plan = build_plan(model, make_batches(), PlanSettings(**settings))
         if rank == 0:
             plan.save(out / f"{name}.gora")
+    model = shard_model(tiny_qwen2())
+    modules = find_target_modules(model, "all-linear")
+    result = accumulate_gradients(model, random_batches(4), modules, 4)
+    shapes = {name: list(g.shape) for name, g in result.grads.items()}
+    (out / f"accumulators.{rank}.json").write_text(json.dumps(shapes))
     make_model, make_batches, settings = BROKEN
     model = shard_model(make_model())
     try:
@@ -117,6 +124,16 @@ def test_sharded_plan_equals_the_one_process_plan(sharded_run, case):
         assert sharded.manifest.step_size_search.chosen == single.manifest.step_size_search.chosen
         for gamma, loss in single.manifest.step_size_search.losses.items():
             assert sharded.manifest.step_size_search.losses[gamma] == pytest.approx(loss, rel=1e-6)
+
+
+def test_no_rank_holds_a_whole_accumulator(sharded_run):
+    """Each rank's accumulators are its rows of each weight (torch.chunk layout), which add up to the whole."""
+    per_rank = [json.loads((sharded_run / f"accumulators.{rank}.json").read_text()) for rank in range(WORLD)]
+    whole = {name: m.weight.shape for name, m in find_target_modules(tiny_qwen2(), "all-linear").items()}
+    for name, (rows, cols) in whole.items():
+        local_rows = [shapes[name][0] for shapes in per_rank]
+        assert all(shapes[name][1] == cols for shapes in per_rank)
+        assert sum(local_rows) == rows and max(local_rows) == -(-rows // WORLD) < rows
 
 
 def test_a_non_finite_gradient_on_one_rank_stops_every_rank_with_one_sentence(sharded_run):
