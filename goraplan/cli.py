@@ -73,63 +73,23 @@ def cli() -> None:
 def build(model_name, revision, ranks_from, data, split, columns, packing, dtype, trust_remote_code, fsdp, output,
           overwrite, **given):
     """Accumulate gradients, allocate ranks and write the initial adapter as a .gora plan."""
-    from goraplan.build import build_plan, peak_memory_mb
+    from goraplan.build import build_plan
+    from goraplan.progress import progress as progress_reporter
 
-    given = given_values(given)
-    if "target_modules" in given:
-        given["target_modules"] = parse_target_modules(given["target_modules"])
-    settings = make_settings(**given)
-    other = None
-    if ranks_from:  # before data and model: a plan that cannot be read fails first
-        from goraplan import ranks_from as reuse
-
-        clash = [f"--{name.replace('_', '-')}" for name in reuse.ALLOCATION_FIELDS if name in given]
-        if clash:
-            raise GoraError(f"--ranks-from takes {', '.join(clash)} from that plan: drop {' and '.join(clash)}.")
-        other = load_plan(ranks_from)
-        settings = reuse.adopt_allocation(settings, other)
-    task, seed = settings.task, settings.seed
-    data = data or DEFAULT_DATA[task]
+    settings, other = _plan_settings(given_values(given), ranks_from)
+    data = data or DEFAULT_DATA[settings.task]
     output = check_can_write(output, overwrite=overwrite, inputs=[
         *_local_paths(model_name, data), resolve_plan_source(ranks_from) if ranks_from else None])
-    if fsdp and not distributed.launched():
-        raise GoraError("--fsdp shards the model over the processes torchrun starts: run "
-                        "torchrun --nproc_per_node N -m goraplan build --fsdp ...")
     if fsdp:
-        from goraplan.sharded import check_importance_metric
-
-        check_importance_metric(settings.importance)  # before the model and data are loaded
+        _check_fsdp(settings)
     started = time.perf_counter()
     rank_id = distributed.init_if_launched()
 
-    import datasets
-
-    from goraplan import data as data_mod
-    from goraplan.hub import split_model_revision
-    from goraplan.models import hub_commit, load_model
-    from goraplan.progress import quiet_library_bars
-
-    datasets.disable_progress_bars()
-    quiet_library_bars()
-    model_name, revision = split_model_revision(model_name, revision)
-    commit = hub_commit(model_name, revision)  # None for a local folder or built-in model
-
-    records = data_mod.map_columns(data_mod.load_records(data, split), columns)  # bad data fails before the model
-    labels = data_mod.label_names_of(records) if task == "seq-cls" else None
-    from goraplan.sharded_load import load_sharded_model
-
-    loader = load_sharded_model if fsdp else load_model
-    model, tokenizer = loader(model_name, task, dtype=dtype, num_labels=len(labels) if labels else None,
-                              label_names=labels, trust_remote_code=trust_remote_code, seed=seed, revision=commit)
-    fixed_ranks = reuse.reusable_ranks(other, model, ranks_from) if other else None
+    model_name, commit, model, tokenizer, labels = _load_model(model_name, revision, data, split, columns, settings,
+                                                               dtype, trust_remote_code, fsdp)
+    fixed_ranks = _reused_ranks(other, model, ranks_from)
     find_target_modules(model, settings.resolved().target_modules)  # fails fast, before any gradient step
-    ds, info = data_mod.prepare(data, tokenizer, task, split=split, max_length=settings.max_length,
-                                seed=seed, limit=settings.batches_needed * settings.batch_size, label_names=labels,
-                                columns=columns, packing=packing)
-    batches = data_mod.make_batches(ds, data_mod.collator_for(tokenizer, task, packed=packing), settings.batch_size,
-                                    settings.batches_needed, source=data)
-
-    from goraplan.progress import progress as progress_reporter
+    batches = _calibration_batches(data, split, columns, packing, tokenizer, labels, settings)
 
     bar = progress_reporter(settings.steps, "gradient steps", enabled=rank_id == 0)
 
@@ -140,23 +100,100 @@ def build(model_name, revision, ranks_from, data, split, columns, packing, dtype
                       labels=labels, progress=progress, fixed_ranks=fixed_ranks, model_revision=commit)
     bar.close()
     if other is not None:
+        from goraplan import ranks_from as reuse
+
         plan = reuse.record_ranks_source(plan, other, ranks_from)
     if rank_id == 0:
         plan.save(output)
-        ranks = [m.rank for m in plan.manifest.modules]
-        t = plan.manifest.totals
-        st = plan.stats
-        click.echo(
-            f"wrote {printable(output)}: {len(ranks)} modules, ranks {min(ranks)}..{max(ranks)}, "
-            f"{t.allocated:,} params vs plain LoRA r={settings.rank} {t.lora_equivalent:,} (ratio {t.ratio:.4f}), "
-            f"{time.perf_counter() - started:.1f} s total (gradients {st['gradients_s']:.1f} s, importance "
-            f"{st['importance_s']:.2f} s, allocation {st['allocation_s']:.3f} s, init {st['init_s']:.2f} s), "
-            f"peak memory {peak_memory_mb(next(model.parameters()).device):.0f} MiB"
-        )
+        _echo_built(plan, output, settings, time.perf_counter() - started, model)
         if other is not None:
             click.echo(f"ranks and target modules from {printable(ranks_from)} (sha256 {other.sha256[:16]}); "
                        f"importance and initial adapter from {printable(data)}")
     distributed.finish()
+
+
+def _plan_settings(given: dict, ranks_from: str | None):
+    """The validated settings (with the ranks of ``--ranks-from`` adopted) and that plan, before any data or model:
+    a plan that cannot be read fails first."""
+    if "target_modules" in given:
+        given["target_modules"] = parse_target_modules(given["target_modules"])
+    settings = make_settings(**given)
+    if not ranks_from:
+        return settings, None
+    from goraplan import ranks_from as reuse
+
+    clash = [f"--{name.replace('_', '-')}" for name in reuse.ALLOCATION_FIELDS if name in given]
+    if clash:
+        raise GoraError(f"--ranks-from takes {', '.join(clash)} from that plan: drop {' and '.join(clash)}.")
+    other = load_plan(ranks_from)
+    return reuse.adopt_allocation(settings, other), other
+
+
+def _check_fsdp(settings: PlanSettings) -> None:
+    if not distributed.launched():
+        raise GoraError("--fsdp shards the model over the processes torchrun starts: run "
+                        "torchrun --nproc_per_node N -m goraplan build --fsdp ...")
+    from goraplan.sharded import check_importance_metric
+
+    check_importance_metric(settings.importance)  # before the model and data are loaded
+
+
+def _load_model(model_name, revision, data, split, columns, settings, dtype, trust_remote_code, fsdp):
+    """The base model at its Hub commit (sharded with ``fsdp``); the data is read first, so bad data fails
+    before a model is loaded. Returns the model's name and commit, model, tokenizer and seq-cls labels."""
+    import datasets
+
+    from goraplan import data as data_mod
+    from goraplan.hub import split_model_revision
+    from goraplan.models import hub_commit, load_model
+    from goraplan.progress import quiet_library_bars
+    from goraplan.sharded_load import load_sharded_model
+
+    datasets.disable_progress_bars()
+    quiet_library_bars()
+    model_name, revision = split_model_revision(model_name, revision)
+    commit = hub_commit(model_name, revision)  # None for a local folder or built-in model
+    records = data_mod.map_columns(data_mod.load_records(data, split), columns)
+    labels = data_mod.label_names_of(records) if settings.task == "seq-cls" else None
+    loader = load_sharded_model if fsdp else load_model
+    model, tokenizer = loader(model_name, settings.task, dtype=dtype, num_labels=len(labels) if labels else None,
+                              label_names=labels, trust_remote_code=trust_remote_code, seed=settings.seed,
+                              revision=commit)
+    return model_name, commit, model, tokenizer, labels
+
+
+def _reused_ranks(other, model, ranks_from):
+    if other is None:
+        return None
+    from goraplan import ranks_from as reuse
+
+    return reuse.reusable_ranks(other, model, ranks_from)
+
+
+def _calibration_batches(data, split, columns, packing, tokenizer, labels, settings):
+    """The N gradient batches (and K held-out ones for step size 'auto') of the calibration data."""
+    from goraplan import data as data_mod
+
+    ds, _ = data_mod.prepare(data, tokenizer, settings.task, split=split, max_length=settings.max_length,
+                             seed=settings.seed, limit=settings.batches_needed * settings.batch_size,
+                             label_names=labels, columns=columns, packing=packing)
+    collator = data_mod.collator_for(tokenizer, settings.task, packed=packing)
+    return data_mod.make_batches(ds, collator, settings.batch_size, settings.batches_needed, source=data)
+
+
+def _echo_built(plan, output, settings, seconds: float, model) -> None:
+    from goraplan.build import peak_memory_mb
+
+    ranks = [m.rank for m in plan.manifest.modules]
+    t = plan.manifest.totals
+    st = plan.stats
+    click.echo(
+        f"wrote {printable(output)}: {len(ranks)} modules, ranks {min(ranks)}..{max(ranks)}, "
+        f"{t.allocated:,} params vs plain LoRA r={settings.rank} {t.lora_equivalent:,} (ratio {t.ratio:.4f}), "
+        f"{seconds:.1f} s total (gradients {st['gradients_s']:.1f} s, importance "
+        f"{st['importance_s']:.2f} s, allocation {st['allocation_s']:.3f} s, init {st['init_s']:.2f} s), "
+        f"peak memory {peak_memory_mb(next(model.parameters()).device):.0f} MiB"
+    )
 
 
 def _local_paths(*names: str) -> list[Path]:
