@@ -35,7 +35,9 @@ def summary_lines(plan: Plan) -> list[str]:
     t = man.totals
     lines = [
         f"plan       {plan.sha256 or '(unsaved)'}",
-        f"model      {man.base_model.name_or_path} ({man.base_model.architecture}, {man.base_model.dtype}), task {man.task}",
+        f"model      {printable(man.base_model.name_or_path)}"
+        + (f" at revision {printable(man.base_model.revision)}" if man.base_model.revision else "")
+        + f" ({printable(man.base_model.architecture)}, {printable(man.base_model.dtype)}), task {man.task}",
         f"data       {man.calibration.source} [{man.calibration.split}]: {man.calibration.steps} steps, "
         f"{man.calibration.examples} examples, {man.calibration.tokens} tokens, base loss {man.calibration.mean_loss:.4f}",
         f"settings   r0={s.rank} ranks {s.min_rank}..{s.max_rank} alpha={s.alpha:g} gamma={man.step_size:g}"

@@ -187,6 +187,8 @@ def test_build_records_the_commit_and_validate_pins_it(hub_model, tiny_text_data
     assert pinned.fingerprint == local.fingerprint != main.fingerprint  # the weights of v1.0, not of main
     assert local.revision is None and main.revision == hub_model["main"]
 
+    code, out, _ = run(["inspect", tmp_path / "a.gora", "--no-modules"], capsys)
+    assert f"model      team-a/tiny at revision {hub_model['v1.0']} (LlamaForCausalLM, float32)" in out
     code, out, _ = run(["validate", tmp_path / "a.gora", "--model", "team-a/tiny", "--revision", "v1.0"], capsys)
     assert code == 0 and "matches the plan" in out
     code, _, err = run(["validate", tmp_path / "a.gora", "--model", "team-a/tiny"], capsys)  # main: other weights
