@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from gorafit import run_folder
-from goraplan.errors import GoraError
+from goraplan.errors import GoraError, first_line
 from goraplan.untrusted import printable, read_json_object
 
 __all__ = [
@@ -109,10 +109,24 @@ def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[s
             raise GoraError(f"{adapter_dir} holds adapter_model.bin (pickle), which gorafit never loads: "
                             f"re-save the adapter with safe_serialization=True.")
         raise GoraError(f"{weights} is missing: give a PEFT adapter folder saved with safetensors.")
-    with safe_open(str(weights), framework="pt") as handle:
-        metadata = dict(handle.metadata() or {})
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open has no iter)
+    metadata, tensors = _read_weights(weights)
     return config, tensors, metadata
+
+
+def _read_weights(weights: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The safetensors file's metadata and tensors, every one of them finite."""
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open has no iter)
+    except Exception as exc:  # safetensors raises its own error types for a damaged header or data
+        raise GoraError(f"{printable(weights)} is not a readable safetensors file ({printable(first_line(exc))}): "
+                        f"restore the adapter from where it was trained.") from None
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise GoraError(f"{printable(weights)} holds NaN or infinite values in {printable(key)}: the adapter is "
+                            f"broken (did its training diverge?); export a checkpoint from before.")
+    return metadata, tensors
 
 
 def _read_config(config_file: Path) -> dict[str, Any]:
@@ -133,7 +147,7 @@ def adapter_task(config: dict[str, Any]) -> str:
     """
     task_type = config.get("task_type") or "CAUSAL_LM"
     if task_type not in _TASKS:
-        raise GoraError(f"adapter task_type {task_type!r} is not one gorafit exports: use CAUSAL_LM or SEQ_CLS.")
+        raise GoraError(f"adapter task_type {printable(repr(task_type))} is not one gorafit exports: use CAUSAL_LM or SEQ_CLS.")
     return _TASKS[task_type]
 
 
@@ -146,7 +160,7 @@ def lora_modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, str]]:
             modules.setdefault(match["module"], {})[match["kind"][-1]] = key
     for module, keys in modules.items():
         if set(keys) != {"A", "B"}:
-            raise GoraError(f"the adapter's tensors hold only lora_{''.join(keys)} for module {module}: "
+            raise GoraError(f"the adapter's tensors hold only lora_{''.join(keys)} for module {printable(module)}: "
                             f"the adapter file is incomplete.")
     return modules
 
@@ -179,7 +193,7 @@ def module_ranks(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> di
         said = pattern_value(config.get("rank_pattern") or {}, module)
         said = config.get("r") if said is None else said
         if said != rank:
-            raise GoraError(f"adapter_config.json gives module {module} rank {said} but its lora_A has {rank} rows: "
+            raise GoraError(f"adapter_config.json gives module {printable(module)} rank {printable(said)} but its lora_A has {rank} rows: "
                             f"the config and the weights do not belong together.")
         ranks[module] = rank
     if not ranks:
@@ -248,7 +262,7 @@ def plain_lora_config(config: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(init, str):
         return config
     if init.lower().startswith(_BASE_MODIFYING_INITS):
-        raise GoraError(f"the adapter was initialised with {init!r}, which changes the base weights: convert it "
+        raise GoraError(f"the adapter was initialised with {printable(repr(init))}, which changes the base weights: convert it "
                         f"to a plain LoRA first (PEFT's path_initial_model_for_weight_conversion).")
     return dict(config, init_lora_weights=True)
 

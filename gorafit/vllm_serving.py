@@ -14,23 +14,27 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from goraplan.allocate import SERVING_RANKS
 from goraplan.errors import GoraError
+from goraplan.untrusted import printable
 
 __all__ = [
     "VLLM_MAX_LORA_RANKS",
     "smallest_max_lora_rank",
     "check_vllm_compatible",
     "served_model",
+    "lora_target_modules",
     "vllm_serve_command",
     "vllm_python",
     "run_vllm_jobs",
 ]
 
-# vLLM's `--max-lora-rank` accepts exactly these values (vllm/config/lora.py, MaxLoRARanks).
-VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# vLLM's `--max-lora-rank` accepts exactly these values (vllm/config/lora.py, MaxLoRARanks); goraplan plans to them.
+VLLM_MAX_LORA_RANKS = SERVING_RANKS
 # Full modules vLLM loads beside a LoRA: the classification head, under one of these names.
 VLLM_MODULES_TO_SAVE = ("classifier", "score")
 # String inits vLLM accepts: they only set the initial weights, the saved adapter is a plain LoRA.
@@ -137,15 +141,35 @@ def served_model(name: str) -> str:
         return name
 
 
-def vllm_serve_command(base: str, adapter_dir: str | os.PathLike, max_rank: int, name: str | None = None) -> str:
-    """The command that serves `adapter_dir` over `base` with vLLM's OpenAI-compatible server.
+def lora_target_modules(modules: Iterable[str]) -> list[str]:
+    """What vLLM's ``--lora-target-modules`` needs for an adapter on these module paths: their last names.
 
-    >>> vllm_serve_command("HuggingFaceTB/SmolLM2-135M-Instruct", "out/gora", 12)
-    'python -m vllm.entrypoints.openai.api_server --model HuggingFaceTB/SmolLM2-135M-Instruct --enable-lora --max-lora-rank 16 --lora-modules gora=out/gora'
+    vLLM matches that list against each module's last name (and the names packed into one, such as
+    ``qkv_proj``), and it skips an adapter's weights for any module outside the list without a word,
+    so the list must hold every module the adapter (every adapter on the server) adapts.
+
+    >>> lora_target_modules(["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "model.layers.0.mlp.down_proj"])
+    ['down_proj', 'q_proj']
+    """
+    return sorted({module.rsplit(".", 1)[-1] for module in modules})
+
+
+def vllm_serve_command(base: str, adapter_dir: str | os.PathLike, max_rank: int, name: str | None = None,
+                       target_modules: Iterable[str] | None = None) -> str:
+    """The command that serves `adapter_dir` over `base` with vLLM's OpenAI-compatible server, at the least cost.
+
+    vLLM pads every adapter to ``--max-lora-rank``, so it is the smallest allowed value that holds
+    `max_rank`; and it wraps every module it can unless ``--lora-target-modules`` (`target_modules`, from
+    `lora_target_modules`) limits its LoRA wrappers to the adapter's own modules.
+
+    >>> vllm_serve_command("HuggingFaceTB/SmolLM2-135M-Instruct", "out/gora", 12, target_modules=["q_proj", "v_proj"])
+    'python -m vllm.entrypoints.openai.api_server --model HuggingFaceTB/SmolLM2-135M-Instruct --enable-lora --max-lora-rank 16 --lora-target-modules q_proj v_proj --lora-modules gora=out/gora'
     """
     adapter_dir = Path(adapter_dir)
+    limit = f"--lora-target-modules {' '.join(target_modules)} " if target_modules else ""
     return (f"python -m vllm.entrypoints.openai.api_server --model {base} --enable-lora "
-            f"--max-lora-rank {smallest_max_lora_rank(max_rank)} --lora-modules {name or adapter_dir.name}={adapter_dir}")
+            f"--max-lora-rank {smallest_max_lora_rank(max_rank)} {limit}"
+            f"--lora-modules {name or adapter_dir.name}={adapter_dir}")
 
 
 def vllm_python(python: str | os.PathLike | None = None) -> str:
@@ -182,5 +206,5 @@ def run_vllm_jobs(request: dict[str, Any], python: str | os.PathLike | None = No
     if proc.returncode != 0 or "error" in result or "jobs" not in result:
         tail = "\n".join((proc.stderr or "").strip().splitlines()[-15:])
         message = result.get("error") or f"exit code {proc.returncode}"
-        raise GoraError(f"vLLM failed ({first_line(message)[:400]}); its last output:\n{tail}")
+        raise GoraError(f"vLLM failed ({printable(first_line(message)[:400])}); its last output:\n{tail}")
     return result

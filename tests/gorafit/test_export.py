@@ -482,6 +482,38 @@ def test_base_model_code_never_runs_unless_asked(export_adapter, export_base_dir
     assert not marker.exists() and not (tmp_path / "merged").exists()
 
 
+def test_hostile_adapter_files_are_one_sentence(export_adapter, tmp_path, capsys, monkeypatch):
+    """Damaged or crafted adapter and run files: each export ends in one escaped sentence and exit 2."""
+    monkeypatch.delenv("GORA_DEBUG", raising=False)
+    source, _ = export_adapter
+    config = json.loads((source / "adapter" / "adapter_config.json").read_text())
+    _, tensors, _ = read_adapter(source / "adapter")
+    lora_b = next(k for k in tensors if k.endswith("lora_B.weight"))
+    cases = {
+        "config-list": ({"adapter_config.json": "[1, 2]"}, "holds a JSON list, not an object"),
+        "config-twice": ({"adapter_config.json": '{"r": 4, "r": 64}'}, "JSON key 'r' appears twice"),
+        "config-escapes": ({"adapter_config.json": json.dumps(dict(config, task_type="\x1b[2J\nError: none"))},
+                           r"task_type '\\x1b\[2J\\nError: none' is not one gorafit exports"),
+        "run-record-list": ({"run.json": "[]"}, "run record .* holds a JSON list"),
+        "weights-garbage": ({"adapter_model.safetensors": b"\x00" * 64}, "is not a readable safetensors file"),
+        "weights-nan": ({"adapter_model.safetensors": dict(tensors, **{lora_b: tensors[lora_b] * float("nan")})},
+                        "holds NaN or infinite values in .*lora_B"),
+    }
+    for name, (files, message) in cases.items():
+        run = tmp_path / name
+        shutil.copytree(source, run)
+        for file, content in files.items():
+            path = run / file if file == "run.json" else run / "adapter" / file
+            if isinstance(content, dict):
+                export_mod.save_file(content, str(path))
+            else:
+                path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        code, _, err = _run_cli(["export", str(run), "-o", str(tmp_path / f"{name}-out")], capsys)
+        assert code == 2 and err.startswith("Error: ") and re.search(message, err), (name, err)
+        assert "Traceback" not in err and "\x1b" not in err and err.count("\n") == 1, (name, err)
+        assert not (tmp_path / f"{name}-out").exists()
+
+
 def test_failed_export_leaves_nothing(export_adapter, tmp_path, monkeypatch):
     run, _ = export_adapter
 
