@@ -128,14 +128,25 @@ def decay_parameter_names(model: nn.Module) -> set[str]:
 
 
 def optimizer_class(name: str, lr: float, model: nn.Module | None = None) -> tuple[type, dict[str, Any]]:
-    """A transformers optimizer name (``adamw_torch``, ``adamw_torch_fused``, ...) -> its class and keyword
-    arguments with transformers' defaults (betas, eps)."""
+    """A transformers optimizer name (``adamw_torch``, ``adamw_torch_fused``, ``sgd``, ...) -> its class and
+    keyword arguments with transformers' defaults (betas, eps), as the Trainer looks them up.
+
+    The lookup reads TrainingArguments' defaults without building a `TrainingArguments`, whose construction
+    resets accelerate's process state (under a Trainer that is already set up, that would undo its set-up).
+
+    >>> optimizer_class("adamw_torch", 1e-4)[0].__name__
+    'AdamW'
+    """
+    import dataclasses
+    import types
+
     from transformers import Trainer, TrainingArguments
 
     from goraplan.errors import first_line
 
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments) if f.default is not dataclasses.MISSING}
+    args = types.SimpleNamespace(**{**defaults, "optim": name, "learning_rate": lr})
     try:
-        args = TrainingArguments(output_dir="unused", optim=name, learning_rate=lr, report_to=[])
         return Trainer.get_optimizer_cls_and_kwargs(args, model)
-    except (ValueError, ImportError) as exc:
+    except (ValueError, ImportError, AttributeError) as exc:
         raise GoraError(f"optimizer {name!r} cannot be used ({first_line(exc)}); use adamw_torch") from None

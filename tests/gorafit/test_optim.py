@@ -130,3 +130,14 @@ def test_hand_written_loop(planned):
     optimizer.step()
     optimizer.zero_grad()
     assert_plan_start_and_b_step(plan, a0, b0, lora_weights(model, plan, "lora_B"), 1.6e-3)
+
+
+def test_building_the_optimizer_leaves_the_trainers_accelerate_state_alone(planned, tmp_path):
+    from accelerate.state import AcceleratorState
+
+    model, _, tokenizer = planned
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=text_dataset(tokenizer))  # sets accelerate's state up
+    assert AcceleratorState._shared_state != {}
+    create_optimizer(model, lr=LR, optim="adamw_torch_fused")
+    assert AcceleratorState._shared_state != {}  # a Trainer made before the optimizer still has its set-up
