@@ -173,7 +173,8 @@ def test_export_records_provenance_and_card(export_adapter, tmp_path):
     assert "ab" * 32 in card and "--max-lora-rank 16" in card and "learning_rate" in card
     with safe_open(str(tmp_path / "out" / "adapter_model.safetensors"), "pt") as handle:
         assert handle.metadata()["gora.plan_sha256"] == "ab" * 32
-    assert result.serve_command("B").endswith(f"--max-lora-rank 16 --lora-modules out={tmp_path / 'out'}")
+    assert result.serve_command("B").endswith(f"--max-lora-rank 16 --lora-target-modules down_proj q_proj v_proj "
+                                              f"--lora-modules out={tmp_path / 'out'}")
 
 
 def test_string_init_is_written_as_true(export_adapter, tmp_path):
@@ -563,7 +564,8 @@ def test_cli_export_prints_serve_command(export_adapter, tmp_path):
     run, _ = export_adapter
     result = CliRunner().invoke(export_cmd, [str(run), "--format", "peft", "-o", str(tmp_path / "gora")])
     assert result.exit_code == 0, result.output
-    assert "--enable-lora --max-lora-rank 16 --lora-modules gora=" in result.output
+    assert "--enable-lora --max-lora-rank 16 --lora-target-modules down_proj q_proj v_proj --lora-modules gora=" \
+        in result.output
     assert "python -m vllm.entrypoints.openai.api_server --model" in result.output
     result = CliRunner().invoke(export_cmd, [str(run), "-o", str(tmp_path / "gora")])
     assert result.exit_code != 0 and isinstance(result.exception, GoraError)
@@ -592,6 +594,31 @@ def test_verify_passes_and_catches_a_tampered_export(export_adapter, tmp_path, c
     assert code == 1 and "MISMATCH" in out and "Largest |logprob difference|" in out
     code, out, _ = _run_cli(["verify", str(tmp_path / "good"), "--prompt", "the cat", "--max-new-tokens", "3"], capsys)
     assert code == 0 and out.startswith("OK")
+
+
+def test_greedy_tokens_match_a_plain_loop_and_never_stop_at_eos():
+    """`greedy_tokens` (model.generate) decodes the raw logits: the same tokens and log-probs as a step-by-step
+    argmax without a cache, exactly `new_tokens` of them even when EOS wins, whatever generation_config.json asks."""
+    from transformers import GenerationConfig
+
+    from gorafit.verify import _greedy_without_cache, greedy_tokens
+
+    model = tiny_llama().eval()
+    with torch.no_grad():
+        model.lm_head.weight[model.config.eos_token_id] *= 8  # EOS often the argmax
+    model.generation_config = GenerationConfig(eos_token_id=2, repetition_penalty=5.0, max_length=4)
+    saved = model.generation_config.to_dict()
+    for prompt in ([5, 6, 7], [9], [3, 30, 4, 11]):
+        tokens, logprobs = greedy_tokens(model, prompt, 10)
+        expected, expected_logprobs = _greedy_without_cache(_logits_fn_of(model), prompt, 10)
+        assert tokens == expected and len(tokens) == 10
+        assert max(abs(a - b) for a, b in zip(logprobs, expected_logprobs)) < 1e-5
+    assert any(2 in greedy_tokens(model, p, 10)[0][:-1] for p in ([5, 6, 7], [9], [3, 30, 4, 11]))
+    assert model.generation_config.to_dict() == saved  # the model's own defaults are put back
+
+
+def _logits_fn_of(model):
+    return lambda ids: _logits(model, ids)
 
 
 def test_verify_bad_input(export_adapter, tmp_path, monkeypatch):
