@@ -8,7 +8,7 @@ file imports only the standard library and vLLM. gorafit writes a JSON request, 
 and reads the JSON result. Request::
 
     {"model": "/path/to/base", "dtype": "float32", "max_model_len": 256, "max_lora_rank": 16,
-     "max_num_seqs": 16,
+     "lora_target_modules": ["q_proj", "v_proj"] | null, "max_num_seqs": 16,
      "jobs": [{"name": "adapter", "adapter": "/path/to/adapter" | null, "prompts": [[1, 2, 3], ...],
                "max_tokens": 16, "logprobs": true, "repeat": 1}]}
 
@@ -47,6 +47,8 @@ def _run(request: dict) -> dict:
         kwargs["max_num_seqs"] = int(request["max_num_seqs"])
     if use_lora:
         kwargs.update(enable_lora=True, max_lora_rank=int(request["max_lora_rank"]), max_loras=1)
+        if request.get("lora_target_modules"):  # the server's --lora-target-modules
+            kwargs["lora_target_modules"] = [str(name) for name in request["lora_target_modules"]]
     started = time.perf_counter()
     llm = LLM(**kwargs)
     startup = time.perf_counter() - started

@@ -28,6 +28,10 @@ _TRUST_HELP = "Run Python code shipped with the base model (its config's auto_ma
 @click.option("-o", "--output", "output", required=True, type=click.Path(), help="Output folder (must not exist).")
 @click.option("--vllm-legacy", is_flag=True,
               help="peft only: fold each module's scaling into lora_B for vLLM older than 0.32.")
+@click.option("--max-rank", "max_rank", type=click.IntRange(min=1), default=None,
+              help="peft only: replace each module whose rank exceeds R by the best rank-R approximation of its update "
+              "(truncated SVD), so vLLM serves it at a smaller --max-lora-rank; prints how much of each update's norm "
+              "is kept, and `gorafit verify` states the log-prob change.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
               help="merged/onnx: dtype of the written weights (merging itself is done in float32).")
 @click.option("--base", "base", default=None,
@@ -35,23 +39,27 @@ _TRUST_HELP = "Run Python code shipped with the base model (its config's auto_ma
               "base_model_name_or_path, at the revision it records.")
 @click.option("--trust-remote-code", is_flag=True, help=_TRUST_HELP)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is a previous export (nothing else is deleted).")
-def export_cmd(run_or_adapter: str, format_: str, output: str, vllm_legacy: bool, dtype: str, base: str | None,
-               trust_remote_code: bool, overwrite: bool) -> None:
+def export_cmd(run_or_adapter: str, format_: str, output: str, vllm_legacy: bool, max_rank: int | None, dtype: str,
+               base: str | None, trust_remote_code: bool, overwrite: bool) -> None:
     """Export a trained adapter (a `gorafit run` folder or a PEFT adapter folder).
 
     \b
     Examples:
       gorafit export runs/sarcasm --format peft -o out/gora-adapter
       gorafit export runs/sarcasm --format peft --vllm-legacy -o out/gora-adapter-legacy
+      gorafit export runs/sarcasm --format peft --max-rank 16 -o out/gora-adapter-r16
       gorafit export runs/sarcasm --format merged --dtype bfloat16 -o out/merged
       gorafit export runs/sarcasm --format onnx -o out/onnx
     """
     if vllm_legacy and format_ != "peft":
         raise GoraError(f"--vllm-legacy applies to --format peft only (got --format {format_}): drop one of them.")
+    if max_rank is not None and format_ != "peft":
+        raise GoraError(f"--max-rank applies to --format peft only (got --format {format_}): export the adapter with "
+                        f"--format peft --max-rank, or drop --max-rank.")
     if format_ == "peft":
         if dtype != "float32":
             raise GoraError("--dtype applies to --format merged and onnx; a peft export keeps the adapter's own dtype.")
-        result = export_peft(run_or_adapter, output, vllm_legacy=vllm_legacy, overwrite=overwrite)
+        result = export_peft(run_or_adapter, output, vllm_legacy=vllm_legacy, overwrite=overwrite, max_rank=max_rank)
     elif format_ == "merged":
         result = export_merged(run_or_adapter, output, base=base, dtype=dtype, overwrite=overwrite,
                                trust_remote_code=trust_remote_code)
@@ -63,6 +71,11 @@ def export_cmd(run_or_adapter: str, format_: str, output: str, vllm_legacy: bool
     label = "peft, vLLM legacy" if result.vllm_legacy else result.format
     click.echo(f"Wrote {result.out} ({label}, {len(ranks)} modules, ranks {ranks[0]}..{ranks[-1]}) "
                f"in {result.seconds:.1f} s.")
+    if result.compression is not None:
+        click.echo(result.compression.summary())
+        for m in sorted(result.compression.compressed, key=lambda m: m.kept):
+            click.echo(f"  {printable(m.module)}: rank {m.rank} -> {m.new_rank}, {100 * m.kept:.2f}% of its update's "
+                       f"norm kept")
     for problem in result.problems:
         click.echo(f"Warning: vLLM would refuse this adapter: {printable(problem)}", err=True)
     serve = result.serve_command(base)

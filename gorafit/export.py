@@ -4,7 +4,10 @@ Three ways out (docs/method.md §7):
 
 - ``peft``: the adapter as it is (vLLM 0.32+ and PEFT read ``rank_pattern``, ``alpha_pattern`` and
   ``use_rslora``); with ``vllm_legacy=True`` each module's scaling is folded into its ``B``
-  (`gorafit.saved_adapter.fold_scalings`) for servers that ignore the patterns.
+  (`gorafit.saved_adapter.fold_scalings`) for servers that ignore the patterns. With ``max_rank=R``
+  every module above rank R is first replaced by the best rank-R approximation of its update
+  (`gorafit.compress`), which lowers what vLLM pads the adapter to; the record and the model card say
+  how much of each update's norm was kept.
 - ``merged``: base weights with the adapter merged in (``W + s B A``), a plain transformers folder.
 - ``onnx``: the merged model traced with ``torch.onnx.export(dynamo=True)``: ``input_ids`` and
   ``attention_mask`` in, ``logits`` out, batch and sequence axes dynamic.
@@ -29,6 +32,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from gorafit.compress import CompressionReport, compress_adapter
 from gorafit.saved_adapter import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -45,6 +49,7 @@ from gorafit.saved_adapter import (
 from gorafit.vllm_serving import (
     VLLM_MAX_LORA_RANKS,
     check_vllm_compatible,
+    lora_target_modules,
     served_model,
     smallest_max_lora_rank,
     vllm_serve_command,
@@ -88,6 +93,7 @@ class ExportResult:
     dtype: str | None = None
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
+    compression: CompressionReport | None = None  # set when `max_rank` lowered the adapter's ranks
 
     @property
     def max_rank(self) -> int:
@@ -102,7 +108,8 @@ class ExportResult:
         """For a peft export that vLLM can serve: the server command (over `base`, else the adapter's base)."""
         if self.format != "peft" or self.max_lora_rank is None:
             return None
-        return vllm_serve_command(served_model(base or self.base_model or "BASE_MODEL"), self.out, self.max_rank)
+        return vllm_serve_command(served_model(base or self.base_model or "BASE_MODEL"), self.out, self.max_rank,
+                                  target_modules=lora_target_modules(self.ranks))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -110,9 +117,11 @@ class ExportResult:
 
 
 def export_peft(
-    adapter_dir: str | os.PathLike, out: str | os.PathLike, vllm_legacy: bool = False, overwrite: bool = False
+    adapter_dir: str | os.PathLike, out: str | os.PathLike, vllm_legacy: bool = False, overwrite: bool = False,
+    max_rank: int | None = None,
 ) -> ExportResult:
-    """Write the adapter as a PEFT adapter folder that vLLM serves; `vllm_legacy` folds the scalings into B.
+    """Write the adapter as a PEFT adapter folder that vLLM serves; `vllm_legacy` folds the scalings into B;
+    `max_rank` lowers every module above it to it by truncated SVD (`result.compression` reports what was kept).
 
     >>> result = export_peft("runs/sarcasm", "out/gora-adapter")  # doctest: +SKIP
     >>> print(result.serve_command())  # doctest: +SKIP
@@ -125,16 +134,22 @@ def export_peft(
                           base_model=config.get("base_model_name_or_path"), task=adapter_task(config),
                           ranks=module_ranks(config, tensors), vllm_legacy=vllm_legacy)
     config = dict(plain_lora_config(config), inference_mode=True)
+    if max_rank is not None:
+        config, tensors, result.compression = compress_adapter(config, tensors, max_rank)
+        result.ranks = module_ranks(config, tensors)
     if vllm_legacy:
         config, tensors = fold_scalings(config, tensors)
     metadata = dict(metadata, format="pt", **{"gora.export": "peft-legacy" if vllm_legacy else "peft"})
+    if result.compression is not None:
+        metadata["gora.compressed_to_rank"] = str(max_rank)
     if source.plan_sha256:
         metadata["gora.plan_sha256"] = str(source.plan_sha256)
     with _staging(result.out, overwrite, source) as tmp:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS), metadata=metadata)
         result.problems = check_vllm_compatible(config, result.max_lora_rank)
-        _finish(tmp, result, source, started)
+        _finish(tmp, result, source, started,
+                extra={"compression": result.compression.to_dict()} if result.compression is not None else None)
     return result
 
 

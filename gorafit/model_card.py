@@ -29,7 +29,7 @@ def write_model_card(folder: str | os.PathLike, result: ExportResult, source: Ad
     """
     data = ModelCardData(base_model=result.base_model, library_name="peft" if result.format == "peft" else "transformers",
                          pipeline_tag=_PIPELINE.get(result.task), tags=["lora", "gora", "rslora"])
-    sections = [_summary(result, source), _usage(result), _settings(source), _ranks(result)]
+    sections = [_summary(result, source), _usage(result), _serving(result), _settings(source), _ranks(result)]
     body = "\n\n".join("\n".join(lines) for lines in sections if lines)
     path = Path(folder) / "README.md"
     ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n").save(path)
@@ -92,6 +92,34 @@ def _peft_usage(result: ExportResult) -> list[str]:
         lines += ["", "vLLM:", "", "```", serve, "```"]
     return lines + ["", "PEFT:", "", "```python", "from peft import PeftModel",
                     f"model = PeftModel.from_pretrained(base_model, {result.out.name!r})", "```"]
+
+
+def _serving(result: ExportResult) -> list[str]:
+    """What serving it costs (vLLM pads to the bucket), how the command keeps that least, and any compression."""
+    if result.format != "peft":
+        return []
+    from gorafit.vllm_serving import lora_target_modules
+
+    lines = ["## Serving cost", ""]
+    if result.max_lora_rank is not None:
+        lines += [f"vLLM pads every module of every adapter to `--max-lora-rank`, so what this adapter costs to serve "
+                  f"is set by its largest rank ({result.max_rank}), not by its parameter count: it is served at "
+                  f"`--max-lora-rank {result.max_lora_rank}`, the smallest value vLLM accepts that holds it. "
+                  f"`--lora-target-modules {' '.join(lora_target_modules(result.ranks))}` limits vLLM's LoRA wrappers "
+                  f"to the adapter's own modules (by default vLLM also wraps modules the adapter never touches). A "
+                  f"server holding several adapters needs the largest rank of all of them and every module any of "
+                  f"them adapts: vLLM skips an adapter's weights on a module outside `--lora-target-modules` without "
+                  f"a warning. The cost of each rank bucket, measured, is in gorafit's README (serving benchmark)."]
+    c = result.compression
+    if c is not None:
+        worst = c.worst
+        lines += ["", f"Compressed at export (`--max-rank {c.max_rank}`): {len(c.compressed)} of {len(c.modules)} "
+                  f"modules were above rank {c.max_rank} and were replaced by the best rank-{c.max_rank} approximation "
+                  f"of their update (truncated SVD), keeping {100 * c.kept:.2f}% of the whole adapter's update norm"
+                  + (f" (lowest {100 * worst.kept:.2f}%, `{worst.module}`, rank {worst.rank})." if worst else ".")
+                  + " `gorafit verify` states the log-prob change against the uncompressed adapter; "
+                  "`gora_export.json` holds the per-module figures."]
+    return lines
 
 
 def _settings(source: AdapterSource) -> list[str]:

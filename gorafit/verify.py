@@ -12,12 +12,17 @@ For a causal LM the candidate generates greedily (no stop at EOS); the reference
 candidate's tokens teacher-forced and generates its own greedy tokens. The report gives whether the
 tokens are equal and the largest ``|log p_candidate - log p_reference|`` over the candidate's tokens.
 For a classifier it compares the class log-probs and the predicted labels.
+
+An export compressed at export (``gorafit export --max-rank R``) is checked against the trained adapter
+compressed the same way (so the check stays exact), and the report also states what compression
+changed: the same comparison against the uncompressed trained adapter.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -27,11 +32,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from gorafit import run_folder
+from gorafit.compress import compress_adapter
 from gorafit.export import ONNX_FILE, read_export_record, require_onnx
-from gorafit.saved_adapter import ADAPTER_CONFIG, adapter_task, load_adapted_model, module_ranks, read_adapter
-from gorafit.vllm_serving import run_vllm_jobs, served_model, smallest_max_lora_rank, vllm_python
+from gorafit.saved_adapter import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    adapter_task,
+    load_adapted_model,
+    module_ranks,
+    plain_lora_config,
+    read_adapter,
+)
+from gorafit.vllm_serving import (
+    lora_target_modules,
+    run_vllm_jobs,
+    served_model,
+    smallest_max_lora_rank,
+    vllm_python,
+)
 from goraplan.errors import GoraError
 from goraplan.untrusted import printable
 
@@ -68,6 +89,8 @@ class VerifyReport:
     mismatched_prompts: list[int] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     details: list[dict[str, Any]] = field(default_factory=list)
+    # for an export compressed to a lower rank: the candidate against the uncompressed trained adapter
+    compression_change: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -85,7 +108,17 @@ class VerifyReport:
         return (f"{verdict}: {self.engine} on {self.export_format} export {printable(self.export_dir)} vs trained "
                 f"adapter {printable(self.reference)}: {what} {agree}, max |logprob diff| "
                 f"{self.max_abs_logprob_diff:.3g} (tolerance {self.tolerance:g}) over {size} (the adapter itself "
-                f"changes log-probs by up to {self.adapter_effect:.3g}).")
+                f"changes log-probs by up to {self.adapter_effect:.3g}).{self._compression_sentence()}")
+
+    def _compression_sentence(self) -> str:
+        change = self.compression_change
+        if change is None:
+            return ""
+        what = "greedy tokens" if self.task == "causal-lm" else "predicted labels"
+        agree = "identical" if change["tokens_equal"] else f"differ (prompts {change['mismatched_prompts']})"
+        return (f" Compressed to rank {change['max_rank']} at export, so the reference above is the trained adapter "
+                f"compressed the same way; against the uncompressed adapter the export's {what} are {agree} and "
+                f"its log-probs change by up to {change['max_abs_logprob_change']:.3g}.")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -128,6 +161,7 @@ class _Export:
     format: str
     base: str
     task: str
+    compressed_to: int | None = None  # `gorafit export --max-rank R`: R
 
 
 def _what_to_verify(export_dir: str | os.PathLike, base: str | None,
@@ -143,7 +177,8 @@ def _what_to_verify(export_dir: str | os.PathLike, base: str | None,
     base = base or record.get("base_model") or ref_config.get("base_model_name_or_path")
     if not base:
         raise GoraError("no base model is recorded for this export: pass --base.")
-    return _Export(export_dir, export_format, base, adapter_task(ref_config)), ref_dir
+    compressed_to = (record.get("compression") or {}).get("max_rank")
+    return _Export(export_dir, export_format, base, adapter_task(ref_config), compressed_to), ref_dir
 
 
 def _check_engine(engine: str, export_format: str, task: str, export_dir: Path) -> None:
@@ -275,12 +310,13 @@ def _vllm_generations(export: _Export, ids: list[list[int]], new_tokens: int, py
     if export.format == "peft":
         config, tensors, _ = read_adapter(export.dir)
         model, adapter = served_model(export.base), str(export.dir.resolve())
-        max_lora_rank = smallest_max_lora_rank(max(module_ranks(config, tensors).values()))
+        ranks = module_ranks(config, tensors)
+        max_lora_rank, targets = smallest_max_lora_rank(max(ranks.values())), lora_target_modules(ranks)
     else:
-        model, adapter, max_lora_rank = str(export.dir.resolve()), None, None
-    request = {
+        model, adapter, max_lora_rank, targets = str(export.dir.resolve()), None, None, None
+    request = {  # served as the export's printed command serves it: smallest rank bucket, wrappers on its modules
         "model": model, "dtype": "float32", "max_model_len": max(256, max(map(len, ids)) + new_tokens + 8),
-        "max_lora_rank": max_lora_rank,
+        "max_lora_rank": max_lora_rank, "lora_target_modules": targets,
         "jobs": [{"name": "verify", "adapter": adapter, "prompts": ids, "max_tokens": new_tokens, "logprobs": True}],
     }
     result = run_vllm_jobs(request, python)
@@ -304,6 +340,18 @@ def _candidate(engine: str, export: _Export, ids: list[list[int]], new_tokens: i
         return logits_fn
     runs = [generate(prompt, new_tokens) for prompt in ids]
     return [run[0] for run in runs], [run[1] for run in runs]
+
+
+def _load_compressed_reference(model: torch.nn.Module, ref_dir: Path, max_rank: int) -> None:
+    """Load the trained adapter compressed to `max_rank` (what the export holds) into `model` as adapter "compressed"."""
+    config, tensors, metadata = read_adapter(ref_dir)
+    config, tensors, _ = compress_adapter(dict(plain_lora_config(config), inference_mode=True), tensors, max_rank)
+    with tempfile.TemporaryDirectory(prefix="gorafit-verify-") as tmp:
+        (Path(tmp) / ADAPTER_CONFIG).write_text(json.dumps(config))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(tmp) / ADAPTER_WEIGHTS),
+                  metadata=dict(metadata, format="pt"))
+        model.load_adapter(tmp, adapter_name="compressed", is_trainable=False)
+    model.eval()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -382,10 +430,22 @@ def verify(
     candidate = _candidate(engine, export, ids, new_tokens, python, trust_remote_code, seconds)
     seconds["candidate"] = time.perf_counter() - started
     started = time.perf_counter()
-    if export.task == "seq-cls":
-        details = _compare_labels(ref_model, candidate, ids)
-    else:
-        details = _compare_generations(ref_model, ids, candidate, new_tokens)
+
+    def compare() -> list[dict[str, Any]]:
+        if export.task == "seq-cls":
+            return _compare_labels(ref_model, candidate, ids)
+        return _compare_generations(ref_model, ids, candidate, new_tokens)
+
+    change = None
+    if export.compressed_to is not None:
+        uncompressed = compare()
+        change = {"max_rank": export.compressed_to, "tokens_equal": all(d["tokens_equal"] for d in uncompressed),
+                  "mismatched_prompts": [d["prompt"] for d in uncompressed if not d["tokens_equal"]],
+                  "max_abs_logprob_change": max(d["max_abs_logprob_diff"] for d in uncompressed),
+                  "per_prompt": [d["max_abs_logprob_diff"] for d in uncompressed]}
+        _load_compressed_reference(ref_model, ref_dir, export.compressed_to)
+        ref_model.set_adapter("compressed")
+    details = compare()
     seconds["reference"] = time.perf_counter() - started
     mismatched = [d["prompt"] for d in details if not d["tokens_equal"]]
     return VerifyReport(
@@ -393,5 +453,5 @@ def verify(
         base_model=export.base, task=export.task, prompts=len(ids), new_tokens=new_tokens, tolerance=tolerance,
         max_abs_logprob_diff=max(d["max_abs_logprob_diff"] for d in details), tokens_equal=not mismatched,
         adapter_effect=max(d["adapter_effect"] for d in details),
-        mismatched_prompts=mismatched, seconds=seconds, details=details,
+        mismatched_prompts=mismatched, seconds=seconds, details=details, compression_change=change,
     )

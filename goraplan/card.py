@@ -81,7 +81,7 @@ def card_metadata(plan: Plan):
 
 def usage_commands(plan: Plan, repo_id: str | None = None, revision: str | None = None) -> dict[str, str]:
     """The commands that use the plan once it is on the Hub: train, export, serve (and plan again on new data)."""
-    from gorafit.vllm_serving import vllm_serve_command
+    from gorafit.vllm_serving import lora_target_modules, vllm_serve_command
 
     repo = repo_id or PLACEHOLDER_REPO
     source = f"{repo}@{revision}" if revision else repo
@@ -89,7 +89,8 @@ def usage_commands(plan: Plan, repo_id: str | None = None, revision: str | None 
     base = plan.manifest.base_model
     # The model name comes from the file: inert (printable) and one shell word (quoted) in a command to paste.
     serve = vllm_serve_command(shlex.quote(printable(base.name_or_path)), f"out/{name}-adapter",
-                               max(plan.ranks.values()), name)
+                               max(plan.ranks.values()), name,
+                               target_modules=[shlex.quote(printable(m)) for m in lora_target_modules(plan.ranks)])
     if base.revision:
         serve += f" --revision {shlex.quote(printable(base.revision))}"
     from goraplan.models import MODEL_ALIASES, is_hub_id

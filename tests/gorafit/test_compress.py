@@ -8,21 +8,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
 
+from gorafit.cli_export import export_cmd
 from gorafit.compress import compress_adapter, truncate_lora, update_singular_values
 from gorafit.saved_adapter import module_ranks, module_scalings, read_adapter
+from gorafit.verify import verify
 from goraplan.errors import GoraError
-from tests.tiny import tiny_llama
+from tests.tiny import make_tokenizer, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 RANKS = [2, 5, 8, 3, 12, 6]
 
 
-def _adapter(out: Path, use_rslora: bool, alpha_pattern: bool) -> PeftModel:
+def _adapter(out: Path, use_rslora: bool, alpha_pattern: bool, model=None) -> PeftModel:
     """A trained-looking adapter on a tiny Llama: heterogeneous ranks, non-zero B, optionally per-module alphas."""
-    model = tiny_llama()
+    model = model if model is not None else tiny_llama()
     names = [n for n, _ in model.named_modules() if n.split(".")[-1] in TARGETS]
     config = LoraConfig(
         r=4, lora_alpha=8, use_rslora=use_rslora, target_modules=TARGETS, task_type="CAUSAL_LM",
@@ -140,3 +144,40 @@ def test_bad_max_rank_and_dora_are_refused(tmp_path):
         compress_adapter(dict(config, use_dora=True), tensors, 4)
     with pytest.raises(GoraError, match="at least 1"):
         truncate_lora(torch.ones(2, 3), torch.ones(3, 2), 1.0, 0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# gorafit export --max-rank and gorafit verify
+
+
+def test_export_max_rank_reports_what_it_kept_and_verify_states_the_change(tmp_path, capsys):
+    base = tmp_path / "base"
+    tokenizer = make_tokenizer()
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    _adapter(tmp_path / "adapter", use_rslora=True, alpha_pattern=True,
+             model=AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32))
+
+    out = tmp_path / "r5"
+    result = CliRunner().invoke(export_cmd, [str(tmp_path / "adapter"), "--format", "peft", "--max-rank", "5",
+                                             "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    ranks = module_ranks(*read_adapter(tmp_path / "adapter")[:2])
+    compressed = sorted(m for m, r in ranks.items() if r > 5)
+    assert f"Compressed {len(compressed)} of {len(ranks)} modules to rank 5 by truncated SVD" in result.output
+    assert all(f"  {m}: rank " in result.output for m in compressed)  # every compressed module, never silent
+    assert "--max-lora-rank 8 --lora-target-modules down_proj q_proj v_proj" in result.output
+    record = json.loads((out / "gora_export.json").read_text())
+    assert record["compression"]["max_rank"] == 5 and 0 < record["compression"]["norm_kept_total"] < 1
+    assert max(module_ranks(*read_adapter(out)[:2]).values()) == 5
+    assert "Compressed at export (`--max-rank 5`)" in (out / "README.md").read_text()
+
+    report = verify(out, prompts=["the cat sat on the", "a big red car"], max_new_tokens=6)
+    assert report.ok and report.max_abs_logprob_diff < 1e-5, report.summary()  # exact against the compressed reference
+    change = report.compression_change
+    assert change is not None and change["max_rank"] == 5 and change["max_abs_logprob_change"] > 1e-4
+    assert "Compressed to rank 5 at export" in report.summary() and "change by up to" in report.summary()
+
+    result = CliRunner().invoke(export_cmd, [str(tmp_path / "adapter"), "--format", "merged", "--max-rank", "5",
+                                             "-o", str(tmp_path / "m")])
+    assert result.exit_code != 0 and "--max-rank applies to --format peft only" in str(result.exception)
