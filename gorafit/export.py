@@ -55,7 +55,7 @@ from gorafit.vllm_serving import (
     vllm_serve_command,
 )
 from goraplan.errors import GoraError
-from goraplan.files import check_not_input, file_sha256, staged_dir
+from goraplan.files import check_not_input, current_umask, file_sha256, staged_dir
 from goraplan.untrusted import printable, read_json_object
 
 __all__ = [
@@ -312,18 +312,24 @@ def _local_folder(base: str | None) -> Path | None:
 
 def _check_replaceable(out: Path) -> None:
     """Refuse to replace a folder holding anything a previous `gorafit export` did not write there."""
-    if not out.is_dir() or out.is_symlink() or not any(out.iterdir()):
+    if out.is_symlink():
+        raise GoraError(f"output {printable(out)} is a symbolic link: --overwrite replaces only a folder that "
+                        f"gorafit export wrote; remove the link or choose another -o.")
+    if not out.is_dir() or not any(out.iterdir()):
         return
-    written: set[str] = set()
-    if (out / EXPORT_RECORD).is_file():
-        try:
-            written = set(read_json_object(out / EXPORT_RECORD, "export record").get("files") or [])
-        except GoraError:
-            written = set()
-    foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in written)
+    foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in _written_by_export(out))
     if foreign:
         raise GoraError(f"output {printable(out)} holds {printable(foreign[0])}, which gorafit export did not write: "
                         f"--overwrite replaces only a previous export; move it away or choose another -o.")
+
+
+def _written_by_export(folder: Path) -> set[str]:
+    """The names a previous export's record lists (none when the folder holds no readable record)."""
+    try:
+        files = read_export_record(folder).get("files")
+    except GoraError:
+        return set()
+    return {name for name in files if isinstance(name, str)} if isinstance(files, list) else set()
 
 
 def read_export_record(export_dir: Path) -> dict[str, Any]:
@@ -342,6 +348,15 @@ def _finish(tmp: Path, result: ExportResult, source: AdapterSource, started: flo
     record = _record(result, source, extra)
     record["files"] = sorted([p.name for p in tmp.iterdir()] + [EXPORT_RECORD])
     (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    _readable_as_umask_says(tmp)
+
+
+def _readable_as_umask_says(folder: Path) -> None:
+    """safetensors writes its files 0600 whatever the umask; a serving account must read an export like any file."""
+    mode = 0o666 & ~current_umask()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
 
 
 def _record(result: ExportResult, source: AdapterSource, extra: dict[str, Any] | None) -> dict[str, Any]:

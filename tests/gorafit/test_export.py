@@ -411,6 +411,8 @@ def test_overwrite_never_replaces_an_input_or_a_foreign_file(export_adapter, exp
         (export_merged, merged, base / "merged", "lies inside.* the base model"),
         (export_merged, merged, run, "holds.* the adapter being exported"),
     ]
+    (tmp_path / "link").symlink_to(tmp_path / "notes", target_is_directory=True)
+    refusals.append((export_peft, {}, tmp_path / "link", "is a symbolic link"))
     for export, kwargs, out, message in refusals:
         with pytest.raises(GoraError, match=message):
             export(run, out, overwrite=True, **kwargs)
@@ -420,7 +422,7 @@ def test_overwrite_never_replaces_an_input_or_a_foreign_file(export_adapter, exp
                              "--overwrite"], capsys)
     assert code == 2 and err.startswith("Error: output") and "Traceback" not in err
     assert _snapshot(tmp_path) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "notes", "run"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "link", "notes", "run"]
 
 
 _KILLED_EXPORT = """
@@ -513,6 +515,24 @@ def test_hostile_adapter_files_are_one_sentence(export_adapter, tmp_path, capsys
         assert code == 2 and err.startswith("Error: ") and re.search(message, err), (name, err)
         assert "Traceback" not in err and "\x1b" not in err and err.count("\n") == 1, (name, err)
         assert not (tmp_path / f"{name}-out").exists()
+
+
+def test_exports_are_readable_as_the_umask_says(export_adapter, tmp_path, capsys, monkeypatch):
+    """A serving account must be able to read an export: modes follow the umask (not mkdtemp's 0700)."""
+    monkeypatch.delenv("GORA_DEBUG", raising=False)
+    run, _ = export_adapter
+    old = os.umask(0o022)
+    try:
+        export_peft(run, tmp_path / "out")
+        export_merged(run, tmp_path / "merged")
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "out", tmp_path / "merged"):
+        assert folder.stat().st_mode & 0o777 == 0o755
+        assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o644}
+    (tmp_path / "out" / "gora_export.json").write_text("[]")  # a crafted record: verify says so in one sentence
+    code, _, err = _run_cli(["verify", str(tmp_path / "out")], capsys)
+    assert code == 2 and "export record" in err and "holds a JSON list" in err and "Traceback" not in err
 
 
 def test_failed_export_leaves_nothing(export_adapter, tmp_path, monkeypatch):
