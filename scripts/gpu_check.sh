@@ -3,7 +3,7 @@
 #   1. plan with plain data parallelism and with --fsdp (FSDP2 shards), and compare the two plans;
 #   2. train a few bf16 steps under --fsdp and under --deepspeed zero3, with no CPU test patches;
 #   3. export each run as a PEFT adapter and verify it against the trained adapter;
-#   4. (hook) serve the export with vLLM: see "SERVING" below;
+#   4. serve the export with vLLM and run the serving benchmark on the GPU (skipped without a CUDA vLLM);
 # then print one summary table. Under 8 minutes on one H200 (most of it is process start-up).
 #
 #   scripts/gpu_check.sh [WORK_DIR]        # default out/gpu-check; NPROC defaults to the number of GPUs
@@ -89,11 +89,27 @@ for run in fsdp zero3; do
         "$PYTHON" -m gorafit verify "$WORK/exports/$run"
 done
 
-# ---------------------------------------------------------------------------- 4. SERVING (hook for vLLM)
-# Add the vLLM serving measurement here, as one or more `step` calls on "$WORK/exports/fsdp" (and zero3),
-# e.g.  step serve_vllm "<detail command>" -- "$PYTHON" -m gorafit verify "$WORK/exports/fsdp" --engine vllm ...
-# Each `step` adds its row to the table below; nothing else needs to change.
-if declare -F serving_steps >/dev/null; then serving_steps; fi
+# ---------------------------------------------------------------------------- 4. SERVING with vLLM
+# VLLM_PYTHON (default .venv-serve/bin/python, else PYTHON) must import a CUDA build of vLLM (pip install vllm).
+# serve_verify: the fsdp export served as its printed command serves it (smallest --max-lora-rank,
+# --lora-target-modules) gives PEFT's greedy tokens; serve_bench: the serving benchmark (LoRA r=8 vs GoRA r_max
+# 8/16/32, 1 and 4 adapters, default and limited wrappers, merged floor) in bfloat16, written to
+# benchmarks/results/serve-cuda.{json,md}.
+serving_steps() {
+    local vllm_python=${VLLM_PYTHON:-.venv-serve/bin/python}
+    [ -x "$vllm_python" ] || vllm_python=$PYTHON
+    if ! "$vllm_python" -c "import vllm, torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
+        ROWS+=("serve_vllm|0|skipped|no CUDA vLLM in $vllm_python: set VLLM_PYTHON to a venv with pip install vllm")
+        return
+    fi
+    step serve_verify "grep -i 'largest' $WORK/logs/serve_verify.log | tail -n 1" -- \
+        "$PYTHON" -m gorafit verify "$WORK/exports/fsdp" --engine vllm --python "$vllm_python"
+    STEP_TIMEOUT=${SERVE_BENCH_TIMEOUT:-1800} step serve_bench \
+        "grep -E '^Wrote' $WORK/logs/serve_bench.log | tail -n 1" -- \
+        "$PYTHON" benchmarks/bench_serve.py --device cuda --dtype bfloat16 --vllm-python "$vllm_python" \
+        --work "$WORK/bench-serve" --rounds 3 --new-tokens 64
+}
+serving_steps
 
 # ---------------------------------------------------------------------------- summary
 echo
