@@ -80,10 +80,12 @@ def main_table(cells: Cells, methods: list[Method], key: str, lower: bool, scale
         cb, nb = cells.collapsed(m.key, best) if best is not None else (0, 0)
         ca, na = cells.collapsed(m.key, AUTO)
         cg, ng = sum(cells.collapsed(m.key, lr)[0] for lr in cells.lrs(m.key)), sum(cells.collapsed(m.key, lr)[1] for lr in cells.lrs(m.key))
-        rows.append([m.name, f"{best:.3g}{edge}" if best is not None else "-", _ms(best_v, scale, digits),
+        cells_done = sum(bool(cells.values(m.key, lr, key)) for lr in m.lrs)
+        rows.append([m.name, f"{cells_done} of {len(m.lrs)}", f"{best:.3g}{edge}" if best is not None else "-",
+                     _ms(best_v, scale, digits),
                      chosen or "-", _ms(auto_v, scale, digits), _margin(auto_v, best_v, scale, digits),
                      f"{cb}/{nb}", f"{ca}/{na}", f"{cg}/{ng}"])
-    return _table(["method", "grid-best lr", "at grid-best", "auto lr per seed", "with auto", "auto - best",
+    return _table(["method", "grid lrs done", "grid-best lr (of those)", "at grid-best", "auto lr per seed", "with auto", "auto - best",
                    "collapsed at best", "collapsed with auto", "collapsed, whole grid"], rows)
 
 
@@ -171,6 +173,7 @@ def curvature_table(mode: Mode, wl: str, cells: Cells, methods: list[Method]) ->
     note = (f"Spearman rank correlation between 1/lambda_max and the grid-best lr over the {len(xs)} methods "
             f"that have both: {rho:.2f}." if rho is not None else
             f"Too few methods with both a curvature and a grid-best lr ({len(xs)}) for a rank correlation.")
+    note += (" A grid-best lr over few done cells is a weak point of comparison: see 'grid lrs done' above.")
     return (_table(["method", "lambda_max (mean ± std over seeds)", "grid-best lr", "best lr x lambda_max",
                     "auto lr (geometric mean)"], rows) + "\n\n" + note)
 
@@ -258,8 +261,9 @@ def write_report(mode: Mode, stamp: dict) -> Path:
         f"- Adapters: r0 = {LORA_RANK}, alpha {LORA_ALPHA:g}, no dropout, the same module list for every method "
         "(NLU: every linear layer of the encoder, the head trains in every method; NLG: q/k/v/o). LoRA+ is "
         "peft's `create_loraplus_optimizer` (ratio 16). PiSSA and LoRA-GA are PEFT's. GoRA: `goraplan.build_plan` "
-        "(N = 64 calibration batches of 8) and `gorafit.apply_plan`; its lr groups are gorafit's rule "
-        "(`effective_lr_ratio`).",
+        f"(N = {mode.nlu_methods[0].template.n_calib} calibration batches of 8, also LoRA-GA's) and "
+        "`gorafit.apply_plan`; its optimizer is `gorafit.create_optimizer` (B at 16x, capped at gorafit's default) "
+        "for 'gorafit defaults', one lr for 'x1'.",
         "- **lr grid**: quarter-decades (neighbours 1.78x apart), 9 points over two decades per method, the window "
         "placed where the method trains (see the coverage table).",
         f"- **`--lr auto`** (`gorafit.lr_finder.find_lr`): a range test on training batches only (the end of the "
