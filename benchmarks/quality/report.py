@@ -299,7 +299,12 @@ def write_report(mode: Mode, stamp: dict) -> Path:
                 "batches of 8 (`gorafit.lr_finder.hessian_top_eigenvalue`). If the best lr followed 1/lambda_max, "
                 "'best lr x lambda_max' would be about constant across methods.", "",
                 curvature_table(mode, wl, cells, methods), ""]
-    out += ["## Sizing: what the rest of the grid costs", "", sizing(mode, records), ""]
+    out += ["## Sizing: what the rest of the grid costs", "", sizing(mode, records), "",
+            "To continue (resumable: done runs are skipped; two one-thread workers share the grid by a hash of "
+            "the run id; the report can be rebuilt at any time):", "", "```",
+            f"OMP_NUM_THREADS=1 nice -n 5 python benchmarks/quality/run.py --mode {mode.name} --shard 0/2 &",
+            f"OMP_NUM_THREADS=1 nice -n 5 python benchmarks/quality/run.py --mode {mode.name} --shard 1/2",
+            f"python benchmarks/quality/run.py --mode {mode.name} --report-only", "```", ""]
     path = mode.results / "REPORT.md"
     write_text_atomic(path, "\n".join(out) + "\n")
     return path
