@@ -18,7 +18,7 @@ from goraplan.errors import GoraError
 from goraplan.match import check_model_matches
 from goraplan.plan import Plan
 
-__all__ = ["HEAD_NAMES", "apply_plan", "lora_config_for", "head_name"]
+__all__ = ["HEAD_NAMES", "apply_plan", "lora_config_for", "head_name", "plan_lora_config"]
 
 # Classification heads that PEFT trains and saves beside the adapter (``modules_to_save``).
 HEAD_NAMES = ("classifier", "score")
@@ -40,12 +40,35 @@ def head_name(model: nn.Module) -> str:
 
 
 def lora_config_for(plan: Plan, model: nn.Module | None = None) -> LoraConfig:
-    """The PEFT ``LoraConfig`` of a plan: r0, alpha, rsLoRA scaling, per-module ranks, exact module paths.
+    """The PEFT ``LoraConfig`` of a plan (`plan_lora_config`), for tools that take ``peft_config=``.
+
+    A ``LoraConfig`` carries ranks and scalings, not tensors: a model built from it starts with PEFT's own
+    A and zero B, not GoRA's initial adapter, so this warns every time. To keep GoRA's start, wrap the model
+    with `apply_plan`, or give the tool the folder of ``gorafit export PLAN.gora --format peft -o DIR``.
+
+    >>> config = lora_config_for(load_plan("plan.gora"))  # doctest: +SKIP
+    UserWarning: lora_config_for(plan) keeps the plan's ranks but drops its initial A and B ...
+    """
+    import warnings
+
+    warnings.warn(
+        "lora_config_for(plan) keeps the plan's ranks and scalings but drops its initial A and B (PEFT starts B at "
+        "zero): use gorafit.apply_plan(model, plan), or pass the folder of `gorafit export PLAN.gora --format peft "
+        "-o DIR` as the adapter path (PeftModel.from_pretrained(base, DIR, is_trainable=True), axolotl's "
+        "lora_model_dir, LLaMA-Factory's adapter_name_or_path)",
+        UserWarning,
+        stacklevel=2,
+    )
+    return plan_lora_config(plan, model)
+
+
+def plan_lora_config(plan: Plan, model: nn.Module | None = None) -> LoraConfig:
+    """The PEFT ``LoraConfig`` of a plan: r0, alpha, rsLoRA scaling, per-module ranks, exact module paths
+    (what `apply_plan` wraps the model with before it copies the plan's A and B in).
 
     For ``seq-cls`` the classification head of ``model`` is trained and saved with the adapter.
 
-    >>> config = lora_config_for(load_plan("plan.gora"))  # doctest: +SKIP
-    >>> config.rank_pattern  # doctest: +SKIP
+    >>> plan_lora_config(load_plan("plan.gora")).rank_pattern  # doctest: +SKIP
     {'model\\\\.layers\\\\.0\\\\.self_attn\\\\.q_proj': 12, ...}
     """
     manifest = plan.manifest
@@ -89,7 +112,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, check_fingerprint: bool = True, 
                 f"the plan adapts {inside_head[0]}, which lies inside the classification head {head!r} that is "
                 "trained in full; rebuild the plan with target modules that leave the head out"
             )
-    config = lora_config_for(plan, model)
+    config = plan_lora_config(plan, model)
 
     # PEFT draws a random A for each module (kaiming) before we overwrite it: keep the caller's RNG as it was.
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -41,16 +42,21 @@ _TRUST_HELP = "Run Python code shipped with the base model (its config's auto_ma
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is a previous export (nothing else is deleted).")
 def export_cmd(run_or_adapter: str, format_: str, output: str, vllm_legacy: bool, max_rank: int | None, dtype: str,
                base: str | None, trust_remote_code: bool, overwrite: bool) -> None:
-    """Export a trained adapter (a `gorafit run` folder or a PEFT adapter folder).
+    """Export a trained adapter (a `gorafit run` folder or a PEFT adapter folder), or a plan's untrained
+    starting adapter (a .gora file) for tools that take an adapter path.
 
     \b
     Examples:
+      gorafit export plan.gora --format peft -o out/start-adapter
       gorafit export runs/sarcasm --format peft -o out/gora-adapter
       gorafit export runs/sarcasm --format peft --vllm-legacy -o out/gora-adapter-legacy
       gorafit export runs/sarcasm --format peft --max-rank 16 -o out/gora-adapter-r16
       gorafit export runs/sarcasm --format merged --dtype bfloat16 -o out/merged
       gorafit export runs/sarcasm --format onnx -o out/onnx
     """
+    if Path(run_or_adapter).expanduser().is_file():
+        _export_plan(run_or_adapter, format_, output, vllm_legacy, max_rank, dtype, base, trust_remote_code, overwrite)
+        return
     if vllm_legacy and format_ != "peft":
         raise GoraError(f"--vllm-legacy applies to --format peft only (got --format {format_}): drop one of them.")
     if max_rank is not None and format_ != "peft":
@@ -85,6 +91,26 @@ def export_cmd(run_or_adapter: str, format_: str, output: str, vllm_legacy: bool
     click.echo(f"Check it: gorafit verify {result.out}"
                + (" --engine onnx" if result.format == "onnx" else "")
                + (f" --base {base}" if base else ""))
+
+
+def _export_plan(plan_path: str, format_: str, output: str, vllm_legacy: bool, max_rank: int | None, dtype: str,
+                 base: str | None, trust_remote_code: bool, overwrite: bool) -> None:
+    """A plan file: its starting adapter, as a PEFT folder (nothing is trained yet, so nothing to merge)."""
+    from gorafit.start_adapter import write_start_adapter
+    from goraplan.plan import load_plan
+
+    given = [flag for flag, on in (("--vllm-legacy", vllm_legacy), ("--max-rank", max_rank is not None),
+                                   ("--dtype", dtype != "float32")) if on]
+    if format_ != "peft" or given:
+        what = f"--format {format_}" if format_ != "peft" else " and ".join(given)
+        raise GoraError(f"{printable(plan_path)} is a plan: it exports as its untrained starting adapter with --format "
+                        f"peft only ({what} needs a trained adapter): drop {what}, or train the plan with gorafit run.")
+    plan = load_plan(plan_path)
+    out = write_start_adapter(plan_path, output, overwrite=overwrite, base=base, trust_remote_code=trust_remote_code)
+    ranks = sorted(m.rank for m in plan.manifest.modules)
+    click.echo(f"Wrote {printable(out)} (peft, the untrained starting adapter of {printable(plan_path)}, {len(ranks)} "
+               f"modules, ranks {ranks[0]}..{ranks[-1]}): load it with PeftModel.from_pretrained(base, "
+               f"\"{printable(out)}\", is_trainable=True), or as the adapter path of another trainer.")
 
 
 @click.command("verify")
