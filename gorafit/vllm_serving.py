@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from goraplan.allocate import SERVING_RANKS
-from goraplan.errors import GoraError
+from goraplan.errors import GoraError, first_line
 from goraplan.untrusted import printable
 
 __all__ = [
@@ -188,23 +188,33 @@ def vllm_python(python: str | os.PathLike | None = None) -> str:
 
 def run_vllm_jobs(request: dict[str, Any], python: str | os.PathLike | None = None, timeout: float = 1800) -> dict[str, Any]:
     """Run `_vllm_runner.py` on `request` (see its docstring) under `python`; return its result."""
-    from goraplan.errors import first_line
-
     interpreter = vllm_python(python)
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     with tempfile.TemporaryDirectory(prefix="gorafit-vllm-") as tmp:
         request_file, result_file = Path(tmp) / "request.json", Path(tmp) / "result.json"
         request_file.write_text(json.dumps(request))
-        env = dict(os.environ)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         try:
             proc = subprocess.run([interpreter, str(RUNNER), str(request_file), str(result_file)],
                                   capture_output=True, text=True, timeout=timeout, env=env)
         except subprocess.TimeoutExpired as exc:
             raise GoraError(f"vLLM did not finish within {timeout:.0f} s: check the engine alone with "
                             f"{interpreter} {RUNNER}.") from exc
-        result = json.loads(result_file.read_text()) if result_file.is_file() else {}
+        except OSError as exc:
+            raise GoraError(f"cannot run {printable(interpreter)} ({exc.strerror or exc}): give --python the "
+                            f"interpreter of an environment with vLLM.") from None
+        result = _runner_result(result_file)
     if proc.returncode != 0 or "error" in result or "jobs" not in result:
-        tail = "\n".join((proc.stderr or "").strip().splitlines()[-15:])
+        tail = "\n".join(printable(line) for line in (proc.stderr or "").strip().splitlines()[-15:])
         message = result.get("error") or f"exit code {proc.returncode}"
         raise GoraError(f"vLLM failed ({printable(first_line(message)[:400])}); its last output:\n{tail}")
     return result
+
+
+def _runner_result(file: Path) -> dict[str, Any]:
+    """What the runner wrote (an empty dict when it wrote nothing readable: it died first)."""
+    try:
+        result = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return result if isinstance(result, dict) else {}

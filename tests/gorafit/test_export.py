@@ -646,6 +646,8 @@ def test_verify_bad_input(export_adapter, tmp_path, monkeypatch):
     export_peft(run, tmp_path / "out")
     with pytest.raises(GoraError, match="onnx engine runs onnx exports"):
         verify(tmp_path / "out", engine="onnx")
+    with pytest.raises(GoraError, match="cannot run .*: give --python the interpreter"):
+        verify(tmp_path / "out", engine="vllm", python=str(tmp_path), prompts=[[3, 4]], max_new_tokens=2)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None)
     with pytest.raises(GoraError, match="the vllm engine needs vLLM.*--python"):
         verify(tmp_path / "out", engine="vllm", prompts=[[3, 4]])
