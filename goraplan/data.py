@@ -32,8 +32,10 @@ import torch
 import yaml
 
 from goraplan.cache import atomic_file, cache_dir, package_file, say
+from goraplan.data_rows import check_json_rows, check_text_columns
 from goraplan.errors import GoraError
 from goraplan.models import TASKS, looks_like_path
+from goraplan.untrusted import printable
 
 __all__ = [
     "DATA_ALIASES", "FORMATS", "STANDARD_COLUMNS", "DataInfo", "PaddingCollator", "collator_for", "detect_format",
@@ -139,6 +141,8 @@ def _load_file(path: Path, source: str, split: str) -> datasets.Dataset:
     if split != "train":
         raise GoraError(f"data file {source} is a single split; there is no split {split!r} in it: pass the "
                         f"file that holds the {split} examples instead.")
+    if builder == "json":
+        check_json_rows(path, source)  # a bad row is one sentence naming its line, not a pyarrow traceback
     return _call_datasets(lambda: datasets.load_dataset(builder, data_files=str(path), split="train"), source)
 
 
@@ -390,15 +394,24 @@ def label_names_of(ds: datasets.Dataset) -> list[str]:
                         f"seq-cls needs text and label.")
     feature = ds.features["label"]
     if isinstance(feature, datasets.ClassLabel):
-        return list(feature.names)
-    values = set(ds.unique("label"))
-    if None in values:
-        raise GoraError("some rows have no label: fill in or drop the rows with an empty label.")
-    try:
-        ordered = sorted(values)
-    except TypeError:  # mixed types: order by their text
-        ordered = sorted(values, key=str)
-    return [str(value) for value in ordered]
+        names = list(feature.names)
+    else:
+        values = set(ds.unique("label"))
+        if None in values:
+            raise GoraError("some rows have no label: fill in or drop the rows with an empty label.")
+        try:
+            ordered = sorted(values)
+        except TypeError:  # mixed types: order by their text
+            ordered = sorted(values, key=str)
+        names = [str(value) for value in ordered]
+        if len(set(names)) < len(names):
+            raise GoraError("the labels mix numbers and text that read the same (such as 1 and \"1\"): write every "
+                            "label the same way.")
+    if len(names) < 2:
+        raise GoraError(f"the data set has {'a single class, ' + printable(repr(names[0])) if names else 'no class'}"
+                        "; seq-cls needs at least two (with one the model would learn a regression, not a "
+                        "classifier).")
+    return names
 
 
 def _label_index(value, feature, label_names: list[str]) -> int:
@@ -445,7 +458,9 @@ def tokenize(ds: datasets.Dataset, tokenizer, task: str, *, max_length: int = 25
 
 
 def _has_labels(batch: dict) -> list[bool]:
-    return [any(label != IGNORE_INDEX for label in labels) for labels in batch["labels"]]
+    """Whether an example has a label the loss counts: the first token is never predicted (the labels are shifted),
+    so an example whose only label is there (an empty text: just the eos token) would make a 0 / 0 loss."""
+    return [any(label != IGNORE_INDEX for label in labels[1:]) for labels in batch["labels"]]
 
 
 def _encode_classification(batch: dict, tokenizer, max_length: int, feature, names: list[str]) -> dict:
@@ -672,6 +687,7 @@ def prepare(source: str, tokenizer, task: str, *, split: str = "train", max_leng
         raise GoraError(f"packing joins causal-lm examples; a {task} data set cannot be packed: drop packing.")
     mapping = parse_columns(columns)
     records = map_columns(load_records(source, split), mapping)
+    check_text_columns(records, source)
     fmt = detect_format(records.features, task)
     if fmt == "classification" and label_names is None:
         label_names = label_names_of(records)
