@@ -10,7 +10,10 @@ so rank 0's one-off copy of the checkpoint is reported apart) and what it is mad
 - process overhead: resident memory after imports and joining the process group, before the model;
 - weights: bytes of the parameters this process holds (its shards);
 - accumulators: bytes of its float32 gradient accumulators (its rows of each target);
-- the rest of the peak: activations and logits of its batches, FSDP's unsharded layer (all-gather
+- other resident memory before planning: the model's Python objects, tokenizer and batches, and what
+  loading left behind;
+- transient while planning (peak minus resident before planning minus accumulators): activations and
+  logits of its batches, FSDP's unsharded layers and the root unit (all-gather and reduce-scatter
   buffers), allocator slack.
 glibc keeps freed all-gather buffers unless told to return them, so every process runs with
 ``MALLOC_MMAP_THRESHOLD_=65536``.
@@ -77,6 +80,9 @@ def worker(args: argparse.Namespace) -> None:
                             target_modules="all-linear", step_size=0.05)
     batches = packed_batches(tokenizer, "sarcasm-lm", args.steps, args.batch_size, args.length)
     modules = find_target_modules(model, "all-linear")
+    with torch.no_grad():  # a whole checkpoint may still be memory-mapped: read every weight once, so it is resident
+        for p in model.parameters():
+            local(p).sum()
     weights = sum(local(p).numel() * local(p).element_size() for p in model.parameters()) / MB
     weights += sum(b.numel() * b.element_size() for b in model.buffers()) / MB
     accumulators = sum(local(m.weight).numel() * 4 for m in modules.values()) / MB
@@ -91,7 +97,8 @@ def worker(args: argparse.Namespace) -> None:
         "world": world, "rank": rank, "targets": len(modules), "load_s": load_seconds, "plan_s": seconds,
         "gradients_s": plan.stats["gradients_s"], "load_peak_mb": load_peak, "overhead_mb": overhead,
         "rss_before_plan_mb": before, "weights_mb": weights, "accumulators_mb": accumulators, "peak_mb": peak,
-        "rest_mb": peak - overhead - weights - accumulators,
+        "resident_other_mb": before - overhead - weights,
+        "transient_mb": peak - before - accumulators,
         "ranks": plan.ranks if rank == 0 else None,
         "importance": {m.name: m.importance for m in plan.manifest.modules} if rank == 0 else None,
     }
@@ -132,7 +139,8 @@ def summarise(rows: list[dict]) -> list[dict]:
             "accumulators_mb": max(r["accumulators_mb"] for r in mine),
             "held_vs_ideal": held / (base / world),
             "overhead_mb": max(r["overhead_mb"] for r in mine),
-            "rest_mb": max(r["rest_mb"] for r in mine),
+            "resident_other_mb": max(r["resident_other_mb"] for r in mine),
+            "transient_mb": max(r["transient_mb"] for r in mine),
             "peak_mb": peak,
             "peak_vs_one": peak / one["peak_mb"],
             "load_peak_rank0_mb": next(r["load_peak_mb"] for r in mine if r["rank"] == 0),
@@ -158,15 +166,17 @@ def markdown(summary: list[dict], meta: dict, args: argparse.Namespace) -> str:
         "Memory in MiB, per process (the largest over the ranks). *held* = weights + accumulators; "
         "*held / ideal* compares it with 1/W of the one-process figure (1.00 is exactly 1/W).",
         "",
-        "| W | weights | accumulators | held / ideal | process overhead | rest of peak (activations, FSDP buffers) "
-        "| peak while planning | peak / one process | load peak rank 0 / others | plan s | same ranks | importance rel diff |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| W | weights | accumulators | held / ideal | process overhead | other resident before planning "
+        "| transient while planning | peak while planning | peak / one process | load peak rank 0 / others | plan s "
+        "| same ranks | importance rel diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         other = f"{s['load_peak_other_mb']:.0f}" if s["load_peak_other_mb"] is not None else "-"
         lines.append(
             f"| {s['world']} | {s['weights_mb']:.0f} | {s['accumulators_mb']:.0f} | {s['held_vs_ideal']:.3f} "
-            f"| {s['overhead_mb']:.0f} | {s['rest_mb']:.0f} | {s['peak_mb']:.0f} | {s['peak_vs_one']:.2f} "
+            f"| {s['overhead_mb']:.0f} | {s['resident_other_mb']:.0f} | {s['transient_mb']:.0f} | {s['peak_mb']:.0f} "
+            f"| {s['peak_vs_one']:.2f} "
             f"| {s['load_peak_rank0_mb']:.0f} / {other} | {s['plan_s']:.1f} | {s['same_ranks_as_one']} "
             f"| {s['importance_max_rel_diff']:.1e} |"
         )

@@ -70,11 +70,22 @@ def shard_model(model: nn.Module, compute_dtype: torch.dtype | None = None) -> n
         param_dtype=None if compute_dtype == torch.float32 else compute_dtype, reduce_dtype=torch.float32
     )
     block_types = set(getattr(model, "_no_split_modules", None) or ())
-    for module in list(model.modules()):
-        if type(module).__name__ in block_types and module is not model:
-            fully_shard(module.float(), mp_policy=policy)  # float32 one block at a time: no full copy
+    blocks = [m for m in model.modules() if type(m).__name__ in block_types and m is not model]
+    units = _untied_embeddings(model) + blocks  # inner units first: a BERT block holds its embeddings
+    for unit in units:
+        fully_shard(unit.float(), mp_policy=policy)  # float32 one unit at a time: no full copy
     fully_shard(model.float(), mp_policy=policy)
     return model
+
+
+def _untied_embeddings(model: nn.Module) -> list[nn.Module]:
+    """The input embedding and the output layer, each its own unit when they do not share a weight (then each
+    is whole only while it runs). Tied, they stay in the root unit: one weight belongs to one unit."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    embeddings, head = (get_in() if get_in else None), (get_out() if get_out else None)
+    if embeddings is None or head is None or embeddings.weight is head.weight:
+        return []
+    return [embeddings, head]
 
 
 @contextmanager

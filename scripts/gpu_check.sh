@@ -85,7 +85,7 @@ step train_zero3 "run_peak zero3" -- "${torchrun[@]}" -m gorafit run "$WORK/plan
 for run in fsdp zero3; do
     step "export_$run" "echo exported" -- "$PYTHON" -m gorafit export "$WORK/runs/$run" --format peft \
         -o "$WORK/exports/$run" --overwrite
-    step "verify_$run" "grep -iE 'match|equal|within' $WORK/logs/verify_$run.log | tail -n 1" -- \
+    step "verify_$run" "grep -i 'largest' $WORK/logs/verify_$run.log | tail -n 1" -- \
         "$PYTHON" -m gorafit verify "$WORK/exports/$run"
 done
 
