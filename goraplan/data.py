@@ -31,9 +31,10 @@ import datasets
 import torch
 import yaml
 
-from goraplan.cache import atomic_file, cache_dir, package_file, say
+from goraplan.cache import cache_dir, package_file, say
 from goraplan.data_rows import check_json_rows, check_text_columns
 from goraplan.errors import GoraError
+from goraplan.files import atomic_file
 from goraplan.models import TASKS, looks_like_path
 from goraplan.untrusted import printable
 

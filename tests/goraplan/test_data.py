@@ -13,7 +13,7 @@ import torch
 from goraplan import data
 from goraplan.data import (
     IGNORE_INDEX,
-    PaddingCollator,
+    collator_for,
     detect_format,
     label_names_of,
     load_records,
@@ -244,23 +244,23 @@ def test_prepare_classification_records_label_names(tokenizer, tmp_path):
 def test_collator_pads_causal_and_classification(tokenizer):
     rows = [{"input_ids": [7, 8, 9], "attention_mask": [1, 1, 1], "labels": [-100, 8, 9]},
             {"input_ids": [7], "attention_mask": [1], "labels": [7]}]
-    batch = PaddingCollator(tokenizer, "causal-lm")(rows)
+    batch = collator_for(tokenizer, "causal-lm")(rows)
     pad = tokenizer.pad_token_id
     assert batch["input_ids"].tolist() == [[7, 8, 9], [7, pad, pad]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 8, 9], [7, -100, -100]]
-    cls = PaddingCollator(tokenizer, "seq-cls")([{**rows[0], "labels": 1}, {**rows[1], "labels": 0}])
+    cls = collator_for(tokenizer, "seq-cls")([{**rows[0], "labels": 1}, {**rows[1], "labels": 0}])
     assert cls["labels"].dtype == torch.long and cls["labels"].tolist() == [1, 0]
 
 
 def test_make_batches_in_order_and_too_few_error(tokenizer, pc_file):
     ds, _ = prepare(str(pc_file), tokenizer, "causal-lm")
-    batches = make_batches(ds, PaddingCollator(tokenizer, "causal-lm"), batch_size=4, n_batches=3)
+    batches = make_batches(ds, collator_for(tokenizer, "causal-lm"), batch_size=4, n_batches=3)
     assert len(batches) == 3 and all(b["input_ids"].shape[0] == 4 for b in batches)
     assert batches[1]["input_ids"][0].tolist()[: len(ds[4]["input_ids"])] == ds[4]["input_ids"]
     with pytest.raises(GoraError, match=r"data set pc.jsonl has only 40 usable examples; 64 steps x batch size 4 "
                                         r"needs 256: lower --steps or --batch-size"):
-        make_batches(ds, PaddingCollator(tokenizer, "causal-lm"), 4, 64, source="pc.jsonl")
+        make_batches(ds, collator_for(tokenizer, "causal-lm"), 4, 64, source="pc.jsonl")
 
 
 def test_split_train_eval(tokenizer):
