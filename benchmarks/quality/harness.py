@@ -252,14 +252,14 @@ METHODS: dict[str, Callable[..., Setup]] = {
 NEEDS_CALIBRATION = ("loraga", "gora")
 
 
-def prepare(wl: Workload, spec: RunSpec) -> tuple[Setup, float]:
-    """The seed's model with the method's adapter, and the seconds the method's setup took."""
+def prepare(wl: Workload, spec: RunSpec) -> tuple[Setup, float, float]:
+    """The seed's model with the method's adapter, and the wall and CPU seconds the method's setup took."""
     torch.manual_seed(spec.seed)
     calib = calibration_batches(wl, spec.seed, spec.n_calib) if spec.method in NEEDS_CALIBRATION else []
     model, _ = wl.load_model(spec.seed)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     setup = METHODS[spec.method](model, wl, spec, calib)
-    return setup, time.perf_counter() - t0
+    return setup, time.perf_counter() - t0, time.process_time() - cpu0
 
 
 def adapter_delta_norm(model: nn.Module) -> float | None:
@@ -280,7 +280,7 @@ def train_and_evaluate(wl: Workload, spec: RunSpec, *, log_every: int = 1) -> di
     """Train `spec.method` for one epoch of `wl` at `spec.lr` (or the range test's lr) with `spec.seed`."""
     cpu0 = time.process_time()  # CPU seconds: on a shared machine they, not wall seconds, measure cost
     batches = epoch_batches(wl, spec.seed)
-    setup, setup_s = prepare(wl, spec)
+    setup, setup_s, setup_cpu_s = prepare(wl, spec)
     model = setup.model
     trainable = sum(p.numel() for p in _trainable(model))
 
@@ -337,6 +337,7 @@ def train_and_evaluate(wl: Workload, spec: RunSpec, *, log_every: int = 1) -> di
         "auto_s": round(auto_s, 3),
         "train_s": round(train_s, 3),
         "eval_s": round(eval_s, 3),
+        "setup_cpu_s": round(setup_cpu_s, 3),
         "auto_cpu_s": round(auto_cpu_s, 3),
         "train_cpu_s": round(train_cpu_s, 3),
         "cpu_s": round(time.process_time() - cpu0, 3),  # the whole run: setup, auto, training, evaluation
@@ -360,7 +361,7 @@ def measure_curvature(wl: Workload, spec: RunSpec) -> dict:
     """lambda_max of the training loss along the method's trainable parameters at its start, each tensor
     scaled by its lr multiplier (at the smallest lr of the lattice, so before any B cap): the curvature
     the optimizer's steps see. On calibration-sized training batches from the end of the seed's order."""
-    setup, setup_s = prepare(wl, spec)
+    setup, setup_s, _ = prepare(wl, spec)
     model = setup.model
     order = _order(wl, spec.seed)
     size = wl.calib_batch_size

@@ -12,7 +12,7 @@ import statistics
 from pathlib import Path
 
 from benchmarks.quality.executor import done_records, todo, workload_config
-from benchmarks.quality.grid import AUTO, LORA_ALPHA, LORA_RANK, Method, Mode, is_gora, planned
+from benchmarks.quality.grid import AUTO, LORA_ALPHA, LORA_RANK, MODES, Method, Mode, is_gora, planned
 from benchmarks.quality.harness import AUTO_SHARE, COLLAPSE_SHARE, MAX_GRAD_NORM, WARMUP_RATIO, WEIGHT_DECAY
 from benchmarks.quality.stats import Cells, margin, mean_std, spearman
 from goraplan.files import write_text_atomic
@@ -212,25 +212,53 @@ def plot(cells: Cells, methods: list[Method], key: str, ylabel: str, path: Path)
 
 
 # ---------------------------------------------------------------------------------------------------- sizing
-def sizing(mode: Mode, records: list[dict]) -> str:
-    """Measured CPU seconds per run (setup, auto, training, evaluation) per method, and what the rest costs."""
-    rows, total_left = [], 0.0
+PROXY = {"rslora": "lora", "loraplus": "lora", "pissa": "lora", "loraga": "lora"}  # same step cost, other init
+
+
+def _run_cost(r: dict, steps: int, test_examples: int, calib: int) -> float:
+    """A run's CPU seconds rescaled to `steps` training steps, `test_examples` and `calib` calibration batches:
+    training per step, evaluation per test example, setup (plan / LoRA-GA) per calibration batch, auto at
+    its measured share of training."""
+    train = r["train_cpu_s"] / r["steps"] * steps
+    setup = r.get("setup_cpu_s", r["setup_s"])  # older runs kept wall seconds only: an upper bound
+    rest = max(0.0, r["cpu_s"] - r["train_cpu_s"] - r["auto_cpu_s"] - setup)  # evaluation and loading
+    setup *= calib / max(1, r["method_info"].get("calib_batches", calib))
+    auto = train * (r["auto_cpu_s"] / r["train_cpu_s"]) if r["auto_cpu_s"] else 0.0
+    return train + rest * test_examples / r["examples"] + setup + auto
+
+
+def sizing(mode: Mode, records: list[dict], reference: list[dict]) -> str:
+    """CPU seconds per run and what the rest of the grid costs: measured on this mode's runs where there are
+    some, else rescaled from `reference` runs (quick mode) of the same method, or of LoRA for a LoRA variant."""
+    rows, total_left, total_all = [], 0.0, 0.0
     left = todo(mode)
+    plan = planned(mode)
+    sizes = {"nlu": (mode.nlu, 32), "nlg": (mode.nlg, 8)}
     for wl, methods in (("nlu", mode.nlu_methods), ("nlg", mode.nlg_methods)):
+        size, batch = sizes[wl]
+        steps = math.ceil(size["train_examples"] / batch)
         for m in methods:
+            n_left = sum(1 for _, s in left if s.workload == wl and s.label == m.key)
+            n_all = sum(1 for _, s in plan if s.workload == wl and s.label == m.key)
             mine = [r for r in records if r["workload"] == wl and r["label"] == m.key]
+            source = "measured here"
             if not mine:
-                rows.append([wl, m.name, "-", sum(1 for _, s in left if s.workload == wl and s.label == m.key), "-"])
+                base = m.template.method if m.template.method not in PROXY else PROXY[m.template.method]
+                ref = [r for r in reference if r["workload"] == wl and r["spec"]["method"] == base]
+                mine = [dict(r, cpu_s=_run_cost(r, steps, size["test_examples"], m.template.n_calib)) for r in ref]
+                source = f"rescaled from quick-mode {base}" if ref else "not measured"
+            if not mine:
+                rows.append([wl, m.name, "-", source, n_left, "-"])
                 continue
             sec = statistics.fmean(r["cpu_s"] for r in mine)
-            n_left = sum(1 for _, s in left if s.workload == wl and s.label == m.key)
             total_left += sec * n_left
-            rows.append([wl, m.name, f"{sec:.0f}", n_left, f"{sec * n_left / 3600:.2f}"])
-    unknown = sum(1 for r in rows if r[2] == "-" and r[3])
-    text = _table(["workload", "method", "measured CPU s per run (mean)", "runs left", "CPU hours left"], rows)
-    text += (f"\n\nRuns left: {len(left)}; at the measured rates they need **{total_left / 3600:.1f} CPU hours** "
-             f"(one thread each){'' if not unknown else f', plus {unknown} methods not measured yet'}; on 2 workers "
-             f"that is {total_left / 7200:.1f} hours of wall time on an otherwise idle 2-core machine.")
+            total_all += sec * n_all
+            rows.append([wl, m.name, f"{sec:.0f}", source, n_left, f"{sec * n_left / 3600:.2f}"])
+    text = _table(["workload", "method", "CPU s per run", "how known", "runs left", "CPU hours left"], rows)
+    text += (f"\n\nThe whole grid ({len(plan)} runs) costs about **{total_all / 3600:.1f} CPU hours**; the {len(left)} runs "
+             f"left about **{total_left / 3600:.1f} CPU hours**: {total_left / 7200:.1f} hours of wall time for two "
+             "one-thread workers on an otherwise idle 2-core machine (more while other jobs share it). Curvature "
+             "measurements are extra (see their seconds in `curvature/`).")
     return text
 
 
@@ -299,7 +327,8 @@ def write_report(mode: Mode, stamp: dict) -> Path:
                 "batches of 8 (`gorafit.lr_finder.hessian_top_eigenvalue`). If the best lr followed 1/lambda_max, "
                 "'best lr x lambda_max' would be about constant across methods.", "",
                 curvature_table(mode, wl, cells, methods), ""]
-    out += ["## Sizing: what the rest of the grid costs", "", sizing(mode, records), "",
+    reference = done_records(MODES["quick"]) if mode.name != "quick" else records
+    out += ["## Sizing: what the rest of the grid costs", "", sizing(mode, records, reference), "",
             "To continue (resumable: done runs are skipped; two one-thread workers share the grid by a hash of "
             "the run id; the report can be rebuilt at any time):", "", "```",
             f"OMP_NUM_THREADS=1 nice -n 5 python benchmarks/quality/run.py --mode {mode.name} --shard 0/2 &",
