@@ -14,6 +14,8 @@ Bad input exits with code 2 and one sentence; set GORA_DEBUG=1 for the full trac
 
 from __future__ import annotations
 
+import signal
+
 import click
 
 from gorafit.cli_export import export_cmd, verify_cmd
@@ -90,14 +92,19 @@ def run_cmd(plan_path: str, config_file: str | None, **given) -> None:
 
 
 def _summary(m: dict) -> list[str]:
-    parts = [f"{m['global_step']} steps"]
-    if m.get("train_loss") is not None:
-        parts.append(f"train loss {m['train_loss']:.4f}")
-    if m.get("eval_loss") is not None:
-        start = m.get("eval_loss_start")
-        parts.append(f"eval loss {m['eval_loss']:.4f}" + (f" (from {start:.4f})" if start is not None else ""))
-    if m.get("eval_accuracy") is not None:
-        parts.append(f"eval accuracy {m['eval_accuracy']:.2%}")
+    """The metrics in a few words; a value that is not a number (a damaged run.json) is left out."""
+    def number(key: str) -> float | None:
+        value = m.get(key)
+        return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    parts = [f"{number('global_step')} steps"]
+    if number("train_loss") is not None:
+        parts.append(f"train loss {number('train_loss'):.4f}")
+    if number("eval_loss") is not None:
+        start = number("eval_loss_start")
+        parts.append(f"eval loss {number('eval_loss'):.4f}" + (f" (from {start:.4f})" if start is not None else ""))
+    if number("eval_accuracy") is not None:
+        parts.append(f"eval accuracy {number('eval_accuracy'):.2%}")
     return parts
 
 
@@ -112,6 +119,7 @@ def inspect_cmd(run_dir: str, as_json: bool) -> None:
     from gorafit import run_folder
     from gorafit.lr_finder import format_lr_search
     from goraplan.errors import GoraError
+    from goraplan.untrusted import printable
 
     run = Path(run_dir)
     record = run_folder.read_record(run)
@@ -121,12 +129,14 @@ def inspect_cmd(run_dir: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"run": record, "lr_search": search.to_dict() if search else None}, indent=1))
         return
-    settings = record.get("settings", {})
-    click.echo(f"run {run}: {record.get('status')}, plan {record.get('plan', {}).get('path')}")
-    click.echo(f"lr {settings.get('learning_rate')} (lora_B {record.get('lora_B_learning_rate')}), "
-               f"{record.get('global_step', '?')} steps")
-    if record.get("metrics"):
-        click.echo(f"metrics: {', '.join(_summary(record['metrics']))}")
+    # run.json is read from a folder anyone may have written: every value is shown inert, whatever its type
+    settings = record.get("settings") if isinstance(record.get("settings"), dict) else {}
+    plan = record.get("plan") if isinstance(record.get("plan"), dict) else {}
+    click.echo(printable(f"run {run}: {record.get('status')}, plan {plan.get('path')}"))
+    click.echo(printable(f"lr {settings.get('learning_rate')} (lora_B {record.get('lora_B_learning_rate')}), "
+                         f"{record.get('global_step', '?')} steps"))
+    if isinstance(record.get("metrics"), dict) and record["metrics"]:
+        click.echo(printable(f"metrics: {', '.join(_summary(record['metrics']))}"))
     if search is None:
         click.echo("lr: given (no --lr auto search)")
     else:
@@ -139,5 +149,11 @@ cli.add_command(verify_cmd, "verify")
 
 
 def main() -> None:
-    """Console-script entry point: errors become one sentence and exit code 2."""
+    """Console-script entry point: errors become one sentence and exit code 2; SIGTERM (a scheduler's stop, a
+    torchrun peer failing) ends the run like Ctrl-C, so its record says "interrupted" and no staging is left."""
+    signal.signal(signal.SIGTERM, _terminate_cleanly)
     run_cli(cli)
+
+
+def _terminate_cleanly(signum, frame):
+    raise KeyboardInterrupt

@@ -7,10 +7,12 @@ learning rate (docs/method.md §6, `gorafit.optim`); everything else is the Trai
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +24,12 @@ from gorafit.adapter_check import check_saved_adapter
 from gorafit.apply import apply_plan, head_name
 from gorafit.run_record import failed, new_record, training_metrics
 from gorafit.settings import TrainSettings
-from gorafit.trainer import GoraTrainer, JsonLinesLogCallback, classification_accuracy
+from gorafit.trainer import GoraTrainer, JsonLinesLogCallback, StopOnNonFiniteLoss, classification_accuracy
 from gorafit.training_args import check_launcher, check_processes, parallelism, training_arguments
 from goraplan import distributed
 from goraplan.build import peak_memory_mb
 from goraplan.errors import GoraError
+from goraplan.files import check_can_write
 from goraplan.plan import Plan, load_plan, utc_now
 
 __all__ = ["RunResult", "resolve_settings", "train"]
@@ -71,15 +74,12 @@ def train(
 
     # ---- run folder and processes (TrainingArguments joins the process group under torchrun)
     out = Path(settings.output_dir)
-    resume_from = check_output_dir(out, settings, plan)
+    resume_from = check_output_dir(out, settings, plan, plan_path)
     has_eval = settings.eval_data is not None or settings.eval_fraction > 0
     args = training_arguments(settings, task, has_eval=has_eval, resuming=resume_from is not None)
     _ = args.device  # reading the device makes accelerate set the process group up
     check_processes(args, settings)
     main = args.process_index == 0
-    if main:
-        _prepare_output_dir(out, settings, resume_from)
-    distributed.barrier()
 
     # ---- model with the plan applied, and data (the main process first: it converts and caches once)
     labels = _label_names(plan, settings)
@@ -88,41 +88,49 @@ def train(
     peft_model = apply_plan(model, plan, check_fingerprint=not settings.ignore_fingerprint)
     train_ds, eval_ds, data_info = distributed.main_first(lambda: prepare_data(settings, tokenizer, task, labels))
 
-    # ---- Trainer and training
-    trainer = _make_trainer(peft_model, args, settings, tokenizer, task, train_ds, eval_ds,
-                            [JsonLinesLogCallback(run_folder.log_file(out)), *callbacks])
-    check_launcher(trainer, settings)
-    lr_search = None
-    if settings.learning_rate == "auto":
-        settings, lr_search = _auto_learning_rate(trainer, settings, train_ds, out)
-    record = new_record(plan, plan_path, settings, args, data_info, labels, peft_model, resume_from)
-    if lr_search is not None:
-        record["learning_rate_search"] = lr_search
-    if main:
-        run_folder.write_record(out, record)
-    train_started = time.perf_counter()
-    output = _fit(trainer, resume_from, record, out, main)
-    train_seconds = time.perf_counter() - train_started
-    final_eval = _final_evaluation(trainer, eval_ds)
+    # ---- only now, with every input checked, is a previous run replaced (--overwrite)
+    created = _prepare_output_dir(out, settings, resume_from) if main else False
+    distributed.barrier()
+    with _stops_recorded(out, main, fresh=resume_from is None, created=created):
+        # ---- Trainer and training
+        trainer = _make_trainer(peft_model, args, settings, tokenizer, task, train_ds, eval_ds,
+                                [JsonLinesLogCallback(run_folder.log_file(out)), StopOnNonFiniteLoss(), *callbacks])
+        check_launcher(trainer, settings)
+        lr_search = None
+        if settings.learning_rate == "auto":
+            settings, lr_search = _auto_learning_rate(trainer, settings, train_ds, out)
+        record = new_record(plan, plan_path, settings, args, data_info, labels, peft_model, resume_from)
+        record["files"] = run_folder.files_of_run(out, args, with_lr_search=lr_search is not None)
+        if lr_search is not None:
+            record["learning_rate_search"] = lr_search
+        if main:
+            run_folder.write_record(out, record)
+        train_started = time.perf_counter()
+        output = _fit(trainer, resume_from, record, out, main)
+        train_seconds = time.perf_counter() - train_started
+        if not math.isfinite(output.training_loss):
+            raise GoraError(f"the training loss became {output.training_loss} (not a number) and the adapter is no use: "
+                            "lower --lr (or --lr-ratio, --lr-b-max), or train in float32")
+        final_eval = _final_evaluation(trainer, eval_ds)
 
-    # ---- save the adapter (every process takes part: FSDP and ZeRO-3 gather it), check it, record the run
-    adapter_dir = run_folder.adapter_dir(out)
-    trainer.save_model(str(adapter_dir))
-    distributed.barrier()
-    metrics = training_metrics(trainer.state.log_history, output.training_loss, final_eval, trainer.state.global_step)
-    error = None
-    if main:
-        error = _check_adapter(adapter_dir, plan, model if task == "seq-cls" else None)
-        record.update(status="failed" if error else "completed", finished_at=utc_now(),
-                      **({"error": str(error)} if error else {"adapter": run_folder.ADAPTER_DIR}),
-                      wall_time_s=round(time.perf_counter() - started, 3), train_time_s=round(train_seconds, 3),
-                      peak_memory_mb=round(peak_memory_mb(args.device), 1), global_step=trainer.state.global_step,
-                      parallelism=parallelism(trainer), metrics=metrics)
-        run_folder.write_record(out, record)
-    distributed.barrier()
-    if error is not None:
-        raise error
-    return RunResult(output_dir=out, adapter_dir=adapter_dir, metrics=metrics, record=record, is_main_process=main)
+        # ---- save the adapter (every process takes part: FSDP and ZeRO-3 gather it), check it, record the run
+        adapter_dir = run_folder.adapter_dir(out)
+        trainer.save_model(str(adapter_dir))
+        distributed.barrier()
+        metrics = training_metrics(trainer.state.log_history, output.training_loss, final_eval, trainer.state.global_step)
+        error = None
+        if main:
+            error = _check_adapter(adapter_dir, plan, model if task == "seq-cls" else None)
+            record.update(status="failed" if error else "completed", finished_at=utc_now(),
+                          **({"error": str(error)} if error else {"adapter": run_folder.ADAPTER_DIR}),
+                          wall_time_s=round(time.perf_counter() - started, 3), train_time_s=round(train_seconds, 3),
+                          peak_memory_mb=round(peak_memory_mb(args.device), 1), global_step=trainer.state.global_step,
+                          parallelism=parallelism(trainer), metrics=metrics)
+            run_folder.write_record(out, record)
+        distributed.barrier()
+        if error is not None:
+            raise error
+        return RunResult(output_dir=out, adapter_dir=adapter_dir, metrics=metrics, record=record, is_main_process=main)
 
 
 # ---------------------------------------------------------------------------------------------------- settings
@@ -178,8 +186,11 @@ def _column_mapping(columns: dict[str, str] | str | None) -> dict[str, str] | No
 
 
 # ---------------------------------------------------------------------------------------------------- run folder
-def check_output_dir(out: Path, settings: TrainSettings, plan: Plan) -> Path | None:
-    """Refuse to mix two runs in one folder; with ``resume``, the checkpoint to continue from."""
+def check_output_dir(out: Path, settings: TrainSettings, plan: Plan, plan_path: Path | None = None) -> Path | None:
+    """Refuse to mix two runs in one folder, or to write over an input; with ``resume``, the newest whole
+    checkpoint to continue from."""
+    run_folder.check_not_over_inputs(out, [plan_path, *_local_paths(settings.model, settings.data,
+                                                                     settings.eval_data)])
     if settings.resume:
         checkpoint = run_folder.last_complete_checkpoint(out)
         if checkpoint is None:
@@ -193,7 +204,7 @@ def check_output_dir(out: Path, settings: TrainSettings, plan: Plan) -> Path | N
                 f"the run in {out} was trained from another plan (sha256 {recorded[:12]}...); resume it with "
                 "that plan, or choose another --output-dir"
             )
-        return checkpoint
+        return run_folder.resumable_checkpoint(out)
     if run_folder.looks_like_run(out) and not settings.overwrite_output_dir:
         raise GoraError(
             f"output folder {out} holds another run; pass --resume to continue it, --overwrite to replace it, "
@@ -201,15 +212,53 @@ def check_output_dir(out: Path, settings: TrainSettings, plan: Plan) -> Path | N
         )
     if out.exists() and not out.is_dir():
         raise GoraError(f"output path {out} is a file; give a folder with --output-dir")
+    if settings.overwrite_output_dir:
+        run_folder.written_by_gorafit(out)  # refuses a folder whose run files no run record claims
+    check_can_write(out, overwrite=True, kind="folder", make_parents=True)
     return None
 
 
-def _prepare_output_dir(out: Path, settings: TrainSettings, resume_from: Path | None) -> None:
+def _local_paths(*names: str | None) -> list[Path]:
+    """The settings that name files or folders here (not Hub ids or aliases): inputs the run must not touch."""
+    return [Path(name).expanduser() for name in names if name and Path(name).expanduser().exists()]
+
+
+def _prepare_output_dir(out: Path, settings: TrainSettings, resume_from: Path | None) -> bool:
+    """Replace a previous run (--overwrite: only what its record says gorafit wrote); True if `out` is new."""
+    created = not out.exists()
     if settings.overwrite_output_dir:
         run_folder.clear_run(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GoraError(f"cannot create the run folder {out} ({exc.strerror or exc}): choose another --output-dir") \
+            from None
     if resume_from is not None:
         run_folder.drop_after(out, resume_from)
+    return created
+
+
+@contextlib.contextmanager
+def _stops_recorded(out: Path, main: bool, *, fresh: bool, created: bool) -> Iterator[None]:
+    """A run that stops (an error, Ctrl-C, SIGTERM) says so in its record ("failed" / "interrupted"); one that
+    stops before writing a record leaves nothing of its own behind (a new folder goes altogether)."""
+    try:
+        yield
+    except BaseException as exc:
+        if main:
+            _record_stop(out, exc, fresh=fresh, created=created)
+        raise
+
+
+def _record_stop(out: Path, exc: BaseException, *, fresh: bool, created: bool) -> None:
+    try:
+        record = run_folder.read_record(out)
+    except GoraError:
+        return
+    if record is not None and record.get("status") == "running":
+        run_folder.write_record(out, failed(record, exc))
+    elif record is None and fresh:
+        run_folder.clear_unrecorded(out, remove_folder=created)
 
 
 # ---------------------------------------------------------------------------------------------------- model, data

@@ -88,11 +88,6 @@ class TrainSettings(BaseModel):
         "prompt=question,completion=answer), or a mapping in a config file.")
     packing: bool = Field(False, description="Pack several causal-lm examples into each --max-length row (each "
                           "still attends only to itself).")
-    columns: dict[str, str] | str | None = Field(
-        None, description="Read your data set's columns as the standard ones: STANDARD=YOURS,... (e.g. "
-        "prompt=question,completion=answer), or a mapping in a config file.")
-    packing: bool = Field(False, description="Pack several causal-lm examples into each --max-length row (each "
-                          "still attends only to itself).")
 
     # -- run folder
     output_dir: str | None = Field(None, description="Run folder; default: runs/<plan name>.")

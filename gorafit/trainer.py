@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +12,11 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from gorafit.optim import LR_RATIO_DEFAULT, create_optimizer
+from goraplan.errors import GoraError
+from goraplan.files import json_dumps
 from goraplan.plan import utc_now
 
-__all__ = ["GoraTrainer", "JsonLinesLogCallback", "classification_accuracy"]
+__all__ = ["GoraTrainer", "JsonLinesLogCallback", "StopOnNonFiniteLoss", "classification_accuracy"]
 
 
 class GoraTrainer(Trainer):
@@ -81,4 +83,21 @@ class JsonLinesLogCallback(TrainerCallback):
             return
         entry = {"step": state.global_step, "epoch": state.epoch, **logs, "time": utc_now()}
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(entry, default=float) + "\n")
+            f.write(json_dumps(_plain(entry)) + "\n")  # strict JSON: a NaN loss is written as null
+
+
+def _plain(entry: dict[str, Any]) -> dict[str, Any]:
+    """numpy and torch scalars as Python numbers, so that a non-finite one is seen (and written as null)."""
+    return {k: v.item() if hasattr(v, "item") and getattr(v, "ndim", 1) == 0 else v for k, v in entry.items()}
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Stops the run with one sentence when the training or eval loss is no longer a finite number: every
+    step after it would only train a NaN adapter (the record says "failed", with this sentence)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "eval_loss"):
+            value = (logs or {}).get(key)
+            if isinstance(value, float | int) and not math.isfinite(value):
+                raise GoraError(f"the {key.replace('_', ' ')} became {value} at step {state.global_step}, so the "
+                                "adapter would be no use: lower --lr (or --lr-ratio, --lr-b-max), or train in float32")
