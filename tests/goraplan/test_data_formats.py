@@ -306,3 +306,30 @@ def test_build_reads_mapped_columns_and_packs(tiny_model_dir, tmp_path, capsys, 
     with pytest.raises(SystemExit) as exc:
         run_cli(cli, [str(a) for a in [*args, "-o", tmp_path / "x.gora"]])
     assert exc.value.code == 2 and "--columns prompt=question" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_conversational_prompt_completion_matches_trl():
+    """TRL's own SFTTrainer tokenizes the same rows to the same ids, and learns the same completion tokens
+    (TRL also learns the newline the template writes after the end-of-turn marker; we leave it out, as for
+    messages)."""
+    trl = pytest.importorskip("trl")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from goraplan.models import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("smollm2-135m"))
+    rows = [{"prompt": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Is the sky blue?"}],
+             "completion": [{"role": "assistant", "content": "Yes, on a clear day."}]},
+            {"prompt": [{"role": "user", "content": "Name a colour."}],
+             "completion": [{"role": "assistant", "content": "Red."}]}]
+    ours = tokenize(datasets.Dataset.from_list(rows), tokenizer, "causal-lm", max_length=256)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))
+    trainer = trl.SFTTrainer(model=model, processing_class=tokenizer, train_dataset=datasets.Dataset.from_list(rows),
+                             args=trl.SFTConfig(output_dir="unused", report_to=[], completion_only_loss=True, bf16=False,
+                                                max_length=256))
+    for mine, theirs in zip(ours, trainer.train_dataset, strict=True):
+        assert mine["input_ids"] == theirs["input_ids"]
+        trl_learned = [t for t, label in zip(theirs["input_ids"], theirs["labels"], strict=True) if label != IGNORE_INDEX]
+        assert tokenizer.decode(trl_learned).rstrip("\n") == tokenizer.decode(learned(mine))
