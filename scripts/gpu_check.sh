@@ -48,7 +48,10 @@ step() {
         note=$(eval "$detail" 2>/dev/null | tail -n 1)
     else
         result="FAILED (rc $rc)"
-        note=$(grep -v '^\s*$' "$log" | grep -iE 'error|exception' | tail -n 1 | cut -c1-110)
+        # the one-sentence "Error: ..." of a goraplan/gorafit process, else the last error line of the log
+        note=$(grep -m 1 -E '^(\[rank[0-9]+\]: )?Error: ' "$log" || grep -iE 'error|exception' "$log" \
+               | grep -v 'To enable traceback' | tail -n 1)
+        note=$(echo "$note" | cut -c1-140)
         FAILED=1
     fi
     ROWS+=("$name|$seconds|$result|$note")
