@@ -29,7 +29,7 @@ from gorafit.training_args import check_launcher, check_processes, parallelism, 
 from goraplan import distributed
 from goraplan.build import peak_memory_mb
 from goraplan.errors import GoraError
-from goraplan.files import check_can_write
+from goraplan.files import check_can_write, honour_umask
 from goraplan.plan import Plan, load_plan, utc_now
 
 __all__ = ["RunResult", "resolve_settings", "train"]
@@ -120,6 +120,7 @@ def train(
         metrics = training_metrics(trainer.state.log_history, output.training_loss, final_eval, trainer.state.global_step)
         error = None
         if main:
+            honour_umask(adapter_dir)  # safetensors writes the weights 0600: a serving account could not read them
             error = _check_adapter(adapter_dir, plan, model if task == "seq-cls" else None)
             record.update(status="failed" if error else "completed", finished_at=utc_now(),
                           **({"error": str(error)} if error else {"adapter": run_folder.ADAPTER_DIR}),

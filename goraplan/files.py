@@ -44,6 +44,21 @@ def current_umask() -> int:
     return mask
 
 
+def honour_umask(path: PathLike) -> None:
+    """Give `path`, and everything under it if it is a folder, the permissions the umask gives a new file or
+    folder: some writers (safetensors' ``save_file``, hence ``save_pretrained``) create files 0600 whatever it is.
+
+    >>> d = Path(tempfile.mkdtemp()); f = d / "w.safetensors"; _ = f.write_text(""); f.chmod(0o600)
+    >>> old = os.umask(0o022); honour_umask(d); _ = os.umask(old); oct(f.stat().st_mode & 0o777)
+    '0o644'
+    """
+    path = Path(path)
+    mask = current_umask()
+    for entry in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        if not entry.is_symlink():
+            entry.chmod((0o777 if entry.is_dir() else 0o666) & ~mask)
+
+
 def file_sha256(path: PathLike) -> str:
     """sha256 of a file's bytes, read in 1 MiB blocks.
 

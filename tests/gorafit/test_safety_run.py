@@ -134,6 +134,14 @@ def test_run_files_never_land_on_an_input(inputs, tmp_path, capsys, cli_env, whi
     assert {**snapshot(folder), **snapshot(model)} == before
 
 
+# ------------------------------------------------------------------------------------------ item 11
+def test_the_adapter_is_readable_as_the_umask_says(finished_run):
+    from goraplan.files import current_umask
+
+    for path in (finished_run / "adapter").iterdir():
+        assert path.stat().st_mode & 0o777 == 0o666 & ~current_umask(), path.name
+
+
 # ------------------------------------------------------------------------------------------ item 5
 def test_sigterm_records_interrupted_and_leaves_no_partial(inputs, tmp_path):
     out = tmp_path / "run"
