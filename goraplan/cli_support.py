@@ -11,6 +11,7 @@ import sys
 import click
 
 from goraplan.errors import GoraError
+from goraplan.untrusted import printable
 
 
 def run_cli(group: click.Group, args: list[str] | None = None) -> None:
@@ -29,7 +30,7 @@ def run_cli(group: click.Group, args: list[str] | None = None) -> None:
     except GoraError as exc:
         if os.environ.get("GORA_DEBUG"):
             raise
-        click.echo(f"Error: {exc}", err=True)
+        click.echo(f"Error: {printable(exc)}", err=True)  # it may quote a file: no control character acts
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)

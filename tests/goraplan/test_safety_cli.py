@@ -220,3 +220,19 @@ def test_an_old_output_moved_aside_by_a_killed_process_comes_back(tmp_path):
     assert not out.exists()
     sweep_partials(out)
     assert (out / "keep.txt").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+# ------------------------------------------------------------------------------------------ item 7, errors
+def test_every_error_sentence_is_printed_inert(capsys):
+    """An error may quote a file (a module name, a data row): whatever it quotes cannot act on the terminal."""
+    import click
+
+    @click.command()
+    def command():
+        raise GoraError("module layers.0\x1b[2J\rError: none\n(verified) is missing")
+
+    with pytest.raises(SystemExit) as exc:
+        run_cli(command, [])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "\x1b" not in err and "\r" not in err
+    assert err.startswith("Error: module layers.0\\x1b[2J\\rError: none\\n(verified)")
