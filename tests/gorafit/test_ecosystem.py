@@ -112,3 +112,28 @@ def test_accelerate_launch_on_cpus(inputs, tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     assert json.loads((tmp_path / "one" / "run.json").read_text())["world_size"] == 1
     assert "warning: this run was launched for several processes but runs as one" in one.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_accelerate_launch_trains_smollm2_on_two_cpu_processes(tmp_path):
+    import goraplan
+    from goraplan.build import build_plan
+    from goraplan.data import collator_for, make_batches, prepare
+    from goraplan.models import load_model
+
+    model, tok = load_model("smollm2-135m")
+    ds, _ = prepare("sarcasm-lm", tok, "causal-lm", max_length=32, limit=2)
+    plan = build_plan(model, make_batches(ds, collator_for(tok, "causal-lm"), 1, 2),
+                      goraplan.PlanSettings(steps=2, batch_size=1, max_length=32), model_name="smollm2-135m",
+                      data_source="sarcasm-lm", data_split="train")
+    plan.save(tmp_path / "plan.gora")
+    done = subprocess.run(accelerate("--multi_gpu", "--num_processes", 2, "--num_machines", 1, "--mixed_precision",
+                                     "no", "--dynamo_backend", "no", "-m", "gorafit", "run", tmp_path / "plan.gora",
+                                     "-o", tmp_path / "run", "--max-steps", 1, "--batch-size", 1, "--max-train-samples",
+                                     8, "--eval-fraction", 0, "--save-steps", 1, "--report-to", "none",
+                                     "--disable-tqdm"),
+                          env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["world_size"] == 2 and record["parallelism"]["mode"] == "ddp" and record["status"] == "completed"
