@@ -48,6 +48,23 @@ def with_broken_batch(batches):
     return batches
 
 
+class _NanBackward(torch.autograd.Function):
+    """Identity forward, non-finite backward: a gradient that breaks on one rank while the loss stays finite."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("nan"))
+
+
+def break_gradients_here(model):
+    """From now on the backward through layer 0's MLP of this process's ``model`` gives nan."""
+    model.model.layers[0].mlp.register_forward_hook(lambda _m, _i, out: _NanBackward.apply(out))
+
+
 # name -> (model, batches, settings). Steps 5 and 7: not divisible by 3.
 CASES = {
     "llama_auto": (tiny_llama, lambda: random_batches(7), dict(steps=5, rank=4, step_size="auto", held_out_steps=2)),
@@ -83,6 +100,15 @@ def _worker(out: Path) -> None:
     except GoraError as exc:
         message = str(exc)
     (out / f"broken.{rank}.json").write_text(json.dumps(message))
+    model = shard_model(tiny_llama())
+    if rank == 1:
+        break_gradients_here(model)
+    try:
+        build_plan(model, random_batches(4), PlanSettings(steps=4, rank=4))
+        message = "no error"
+    except GoraError as exc:
+        message = str(exc)
+    (out / f"broken_gradient.{rank}.json").write_text(json.dumps(message))
     distributed.finish()
 
 
@@ -136,11 +162,15 @@ def test_no_rank_holds_a_whole_accumulator(sharded_run):
         assert sum(local_rows) == rows and max(local_rows) == -(-rows // WORLD) < rows
 
 
-def test_a_non_finite_gradient_on_one_rank_stops_every_rank_with_one_sentence(sharded_run):
-    messages = {json.loads((sharded_run / f"broken.{rank}.json").read_text()) for rank in range(WORLD)}
+@pytest.mark.parametrize("case,says", [("broken", "the loss of calibration batch 1 is not finite"),
+                                       ("broken_gradient", "the gradient of model.layers.0.")])
+def test_a_non_finite_loss_or_gradient_on_one_rank_stops_every_rank_with_one_sentence(sharded_run, case, says):
+    """Only rank 1 meets the problem (its batch, its backward); every rank stops with the same sentence, and the
+    launch returned (a hang would have failed the fixture's timeout)."""
+    messages = {json.loads((sharded_run / f"{case}.{rank}.json").read_text()) for rank in range(WORLD)}
     assert len(messages) == 1, messages  # the same error everywhere
     message = messages.pop()
-    assert "not finite" in message and "\n" not in message
+    assert message.startswith(says) and "not finite" in message and "\n" not in message
 
 
 def test_other_importance_metrics_are_refused_on_a_sharded_model():
