@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	mkdir -p $(RUN)
-	$(BIN)/goraplan build --model smollm2-135m --data sarcasm-lm -o $(RUN)/plan.gora
+	$(BIN)/goraplan build --model smollm2-135m --data sarcasm-lm -o $(RUN)/plan.gora --overwrite
 	$(BIN)/goraplan inspect $(RUN)/plan.gora --no-modules --plot $(RUN)/ranks.png
 	$(BIN)/gorafit run $(RUN)/plan.gora -o $(RUN)/run --overwrite --max-steps 40 --batch-size 8 \
 	    --max-train-samples 2000 --eval-data sarcasm-lm --eval-split test --max-eval-samples 200 --eval-steps 20
