@@ -25,10 +25,7 @@ def importance(weight: torch.Tensor, grad: torch.Tensor, metric: ImportanceMetri
     >>> importance(torch.ones(2, 2), torch.full((2, 2), -0.5))
     0.5
     """
-    if weight.shape != grad.shape:
-        raise ValueError(f"weight {tuple(weight.shape)} and gradient {tuple(grad.shape)} differ in shape")
-    w = weight.detach().to(torch.float32)
-    g = grad.detach().to(w.device, torch.float32)
+    w, g = _float32_pair(weight, grad)
     if metric == "sensitivity":
         return float((w * g).abs().mean())
     if metric == "grad-nuclear":
@@ -45,11 +42,16 @@ def sensitivity_sum(weight: torch.Tensor, grad: torch.Tensor) -> float:
     >>> sensitivity_sum(torch.ones(2, 2), torch.full((2, 2), -0.5))
     2.0
     """
+    w, g = _float32_pair(weight, grad)
+    return float((w * g).abs().sum(dtype=torch.float64))
+
+
+def _float32_pair(weight: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W`` and ``G`` in float32 on one device, after checking that their shapes agree."""
     if weight.shape != grad.shape:
         raise ValueError(f"weight {tuple(weight.shape)} and gradient {tuple(grad.shape)} differ in shape")
     w = weight.detach().to(torch.float32)
-    g = grad.detach().to(w.device, torch.float32)
-    return float((w * g).abs().sum(dtype=torch.float64))
+    return w, grad.detach().to(w.device, torch.float32)
 
 
 def normalise(scores: Mapping[str, float]) -> dict[str, float]:
