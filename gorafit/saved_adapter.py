@@ -169,7 +169,16 @@ def pattern_value(pattern: dict[str, Any], module: str) -> Any:
     """The value a PEFT ``rank_pattern`` / ``alpha_pattern`` gives `module`, None when no key matches it."""
     from peft.utils.other import get_pattern_key  # PEFT's own rule, which vLLM follows too
 
-    return pattern.get(get_pattern_key(pattern.keys(), module)) if pattern else None
+    if not pattern:
+        return None
+    if not isinstance(pattern, dict):
+        raise GoraError(f"adapter_config.json holds a {type(pattern).__name__} where PEFT wants a pattern object "
+                        f"({{module pattern: value}}): the config is damaged.")
+    try:
+        return pattern.get(get_pattern_key(pattern.keys(), module))
+    except (re.error, TypeError) as exc:
+        raise GoraError(f"adapter_config.json holds a pattern key that is not a regular expression ({printable(exc)}): "
+                        f"the config is damaged.") from None
 
 
 def module_pattern_key(module: str) -> str:
@@ -218,7 +227,11 @@ def module_alpha(config: dict[str, Any], module: str) -> float:
     32
     """
     alpha = pattern_value(config.get("alpha_pattern") or {}, module)
-    return config["lora_alpha"] if alpha is None else alpha
+    alpha = config.get("lora_alpha") if alpha is None else alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+        raise GoraError(f"adapter_config.json gives module {printable(module)} lora_alpha {printable(repr(alpha))}: "
+                        f"PEFT needs a number.")
+    return alpha
 
 
 def fold_scalings(
