@@ -137,3 +137,11 @@ def test_accelerate_launch_trains_smollm2_on_two_cpu_processes(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert record["world_size"] == 2 and record["parallelism"]["mode"] == "ddp" and record["status"] == "completed"
+
+
+def test_a_float32_plan_trains_on_the_bfloat16_load(inputs, tmp_path):
+    """gorafit's fingerprint check accepts the bfloat16 load of the checkpoint the plan was built on."""
+    result = train(inputs["plan"], TrainSettings(dtype="bfloat16", max_steps=1, per_device_train_batch_size=2,
+                                                 eval_fraction=0, save_steps=1, output_dir=str(tmp_path / "run"),
+                                                 report_to="none", disable_tqdm=True))
+    assert result.metrics["global_step"] == 1 and result.record["settings"]["dtype"] == "bfloat16"
