@@ -151,14 +151,22 @@ def test_sigterm_records_interrupted_and_leaves_no_partial(inputs, tmp_path):
                              "--max-steps", "100000", *map(str, FAST)], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("checkpoint-*/trainer_state.json")):
-        time.sleep(0.2)
+    while time.time() < deadline and b'"running"' not in _read(out / "run.json"):  # written as training starts
+        time.sleep(0.1)
+    time.sleep(1)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     record = strict_json((out / "run.json").read_bytes(), "run.json")
     assert record["status"] == "interrupted", record.get("error")
     assert not [p for p in tmp_path.rglob("*.partial")]
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
 
 
 # ------------------------------------------------------------------------------------------ item 8

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -187,16 +188,28 @@ def test_overwrite_replaces_whole_folder_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
 
-def test_partials_of_a_killed_process_are_swept(tmp_path):
-    """SIGKILL runs no cleanup: the next write of the same target removes what a dead process left."""
-    import subprocess
-    import sys
+def killed_while(work) -> None:
+    """Run `work` in a child process that dies there (SIGKILL runs no cleanup: no finally, no atexit)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            work()
+        finally:
+            os._exit(9)
+    os.waitpid(pid, 0)
 
+
+def test_partials_of_a_killed_process_are_swept(tmp_path):
+    """The next write of the same target removes what a dead process left."""
     target = tmp_path / "p.gora"
-    script = ("import os, sys\nfrom pathlib import Path\nfrom goraplan.files import atomic_file, atomic_dir\n"
-              "with atomic_file(Path(sys.argv[1])) as tmp:\n    tmp.write_text('half')\n    os._exit(9)\n")
-    subprocess.run([sys.executable, "-c", script, str(target)], check=False)
-    left = [p for p in tmp_path.iterdir()]
+
+    def write_half():
+        with atomic_file(target) as tmp:
+            tmp.write_text("half")
+            os._exit(9)
+
+    killed_while(write_half)
+    left = list(tmp_path.iterdir())
     assert len(left) == 1 and left[0].name.endswith(".partial")
     with atomic_file(target) as tmp:
         tmp.write_text("whole")
@@ -205,18 +218,19 @@ def test_partials_of_a_killed_process_are_swept(tmp_path):
 
 
 def test_an_old_output_moved_aside_by_a_killed_process_comes_back(tmp_path):
-    import subprocess
-    import sys
+    import tempfile
+
+    from goraplan import files
 
     out = tmp_path / "export"
     out.mkdir()
     (out / "keep.txt").write_text("old")
-    # Killed between moving the old output aside and renaming the new one in.
-    script = ("import os, sys, tempfile\nfrom pathlib import Path\nfrom goraplan import files\n"
-              "out = Path(sys.argv[1])\n"
-              "old = Path(tempfile.mkdtemp(prefix=files._partial_prefix(out), suffix=files.REPLACED_SUFFIX, "
-              "dir=out.parent))\nos.replace(out, old / 'replaced')\nos._exit(9)\n")
-    subprocess.run([sys.executable, "-c", script, str(out)], check=False)
+
+    def move_aside():  # killed between moving the old output aside and renaming the new one in
+        old = Path(tempfile.mkdtemp(prefix=files._partial_prefix(out), suffix=files.REPLACED_SUFFIX, dir=tmp_path))
+        os.replace(out, old / "replaced")
+
+    killed_while(move_aside)
     assert not out.exists()
     sweep_partials(out)
     assert (out / "keep.txt").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["export"]
