@@ -195,8 +195,9 @@ def markdown(summary: list[dict], meta: dict, args: argparse.Namespace) -> str:
         f"part dominates and the peak approaches 1/W; here it is "
         f"{(one['weights_mb'] + one['accumulators_mb']) / one['peak_mb']:.0%} of the one-process peak.",
         "",
-        "Loading: rank 0 alone reads the checkpoint, so its peak while loading holds the whole checkpoint once "
-        "beside its shards; the other ranks never hold more than their shards plus the tensor being broadcast.",
+        f"Loading: rank 0 alone reads the checkpoint, so its peak while loading ({last['load_peak_rank0_mb']:.0f} "
+        f"MiB at W = {last['world']}) holds the whole checkpoint once beside its shards; the other ranks' "
+        f"({last['load_peak_other_mb']:.0f} MiB) is their process, their shards and the tensors being broadcast.",
     ]
     return "\n".join(lines) + "\n"
 
