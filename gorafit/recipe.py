@@ -22,7 +22,7 @@ from transformers import TrainerCallback, TrainingArguments
 from gorafit import run_folder
 from gorafit.adapter_check import check_saved_adapter
 from gorafit.apply import apply_plan, head_name
-from gorafit.run_record import failed, new_record, training_metrics
+from gorafit.run_record import failed, finished, new_record, training_metrics
 from gorafit.settings import TrainSettings
 from gorafit.trainer import GoraTrainer, JsonLinesLogCallback, StopOnNonFiniteLoss, classification_accuracy
 from gorafit.training_args import check_launcher, check_processes, parallelism, training_arguments
@@ -30,7 +30,7 @@ from goraplan import distributed
 from goraplan.build import peak_memory_mb
 from goraplan.errors import GoraError
 from goraplan.files import check_can_write, honour_umask
-from goraplan.plan import Plan, load_plan, utc_now
+from goraplan.plan import Plan, load_plan
 
 __all__ = ["RunResult", "resolve_settings", "train"]
 
@@ -92,25 +92,22 @@ def train(
     created = _prepare_output_dir(out, settings, resume_from) if main else False
     distributed.barrier()
     with _stops_recorded(out, main, fresh=resume_from is None, created=created):
-        # ---- Trainer and training
+        # ---- Trainer (and, with --lr auto, its learning rate), then the record of a running run
         trainer = _make_trainer(peft_model, args, settings, tokenizer, task, train_ds, eval_ds,
                                 [JsonLinesLogCallback(run_folder.log_file(out)), StopOnNonFiniteLoss(), *callbacks])
         check_launcher(trainer, settings)
-        lr_search = None
-        if settings.learning_rate == "auto":
-            settings, lr_search = _auto_learning_rate(trainer, settings, train_ds, out)
+        settings, lr_search = _learning_rate(trainer, settings, train_ds, out)
         record = new_record(plan, plan_path, settings, args, data_info, labels, peft_model, resume_from)
         record["files"] = run_folder.files_of_run(out, args, with_lr_search=lr_search is not None)
         if lr_search is not None:
             record["learning_rate_search"] = lr_search
         if main:
             run_folder.write_record(out, record)
+
+        # ---- train
         train_started = time.perf_counter()
         output = _fit(trainer, resume_from, record, out, main)
         train_seconds = time.perf_counter() - train_started
-        if not math.isfinite(output.training_loss):
-            raise GoraError(f"the training loss became {output.training_loss} (not a number) and the adapter is no use: "
-                            "lower --lr (or --lr-ratio, --lr-b-max), or train in float32")
         final_eval = _final_evaluation(trainer, eval_ds)
 
         # ---- save the adapter (every process takes part: FSDP and ZeRO-3 gather it), check it, record the run
@@ -120,13 +117,10 @@ def train(
         metrics = training_metrics(trainer.state.log_history, output.training_loss, final_eval, trainer.state.global_step)
         error = None
         if main:
-            honour_umask(adapter_dir)  # safetensors writes the weights 0600: a serving account could not read them
             error = _check_adapter(adapter_dir, plan, model if task == "seq-cls" else None)
-            record.update(status="failed" if error else "completed", finished_at=utc_now(),
-                          **({"error": str(error)} if error else {"adapter": run_folder.ADAPTER_DIR}),
-                          wall_time_s=round(time.perf_counter() - started, 3), train_time_s=round(train_seconds, 3),
-                          peak_memory_mb=round(peak_memory_mb(args.device), 1), global_step=trainer.state.global_step,
-                          parallelism=parallelism(trainer), metrics=metrics)
+            record = finished(record, error, metrics=metrics, wall_time_s=time.perf_counter() - started,
+                              train_time_s=train_seconds, peak_memory_mb=peak_memory_mb(args.device),
+                              global_step=trainer.state.global_step, parallelism=parallelism(trainer))
             run_folder.write_record(out, record)
         distributed.barrier()
         if error is not None:
@@ -336,6 +330,13 @@ def _make_trainer(peft_model, args: TrainingArguments, settings: TrainSettings, 
     )
 
 
+def _learning_rate(trainer: GoraTrainer, settings: TrainSettings, train_ds, out: Path):
+    """The settings with the learning rate to train at, and the range test's evidence (None unless --lr auto)."""
+    if settings.learning_rate != "auto":
+        return settings, None
+    return _auto_learning_rate(trainer, settings, train_ds, out)
+
+
 def _auto_learning_rate(trainer: GoraTrainer, settings: TrainSettings, train_ds, out: Path):
     """``--lr auto``: `gorafit.lr_finder`'s range test on training batches with the run's own optimizer, run
     once (process 0) before training; the choice goes into the Trainer and the settings, the evidence into
@@ -374,13 +375,18 @@ def _auto_learning_rate(trainer: GoraTrainer, settings: TrainSettings, train_ds,
 
 
 def _fit(trainer: GoraTrainer, resume_from: Path | None, record: dict, out: Path, main: bool):
-    """``trainer.train``; if it stops, the record says the run did not finish and why (--resume continues it)."""
+    """``trainer.train``; if it stops, the record says the run did not finish and why (--resume continues it).
+    A loss that is not a number ends the run too: the adapter would be no use."""
     try:
-        return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
     except BaseException as exc:
         if main:
             run_folder.write_record(out, failed(record, exc))
         raise
+    if not math.isfinite(output.training_loss):
+        raise GoraError(f"the training loss became {output.training_loss} (not a number) and the adapter is no use: "
+                        "lower --lr (or --lr-ratio, --lr-b-max), or train in float32")
+    return output
 
 
 def _final_evaluation(trainer: GoraTrainer, eval_ds) -> dict[str, Any]:
@@ -396,6 +402,7 @@ def _final_evaluation(trainer: GoraTrainer, eval_ds) -> dict[str, Any]:
 def _check_adapter(adapter_dir: Path, plan: Plan, seq_cls_model: nn.Module | None) -> GoraError | None:
     """Check the saved adapter on disk (main process); the error is raised after the others are released."""
     (adapter_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; run.json has every setting
+    honour_umask(adapter_dir)  # safetensors writes the weights 0600: a serving account could not read them
     try:
         check_saved_adapter(adapter_dir, plan, head=head_name(seq_cls_model) if seq_cls_model is not None else None)
     except GoraError as exc:

@@ -14,11 +14,12 @@ from torch import nn
 from transformers import TrainingArguments
 
 from gorafit.optim import effective_lr_ratio
+from gorafit.run_folder import ADAPTER_DIR
 from gorafit.settings import TrainSettings, settings_json
 from goraplan.plan import Plan, utc_now
 from goraplan.provenance import library_versions, machine
 
-__all__ = ["failed", "new_record", "training_metrics"]
+__all__ = ["failed", "finished", "new_record", "training_metrics"]
 
 RECORDED_PACKAGES = ("goraplan", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "deepspeed")
 
@@ -59,6 +60,16 @@ def failed(record: dict[str, Any], exc: BaseException) -> dict[str, Any]:
     """The record of a run that stopped with ``exc`` (Ctrl-C: interrupted); ``--resume`` continues it."""
     status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
     return {**record, "status": status, "finished_at": utc_now(), "error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
+def finished(record: dict[str, Any], error: Exception | None, *, metrics: dict[str, Any], wall_time_s: float,
+             train_time_s: float, peak_memory_mb: float, global_step: int, parallelism: dict[str, Any]) -> dict[str, Any]:
+    """The record of a run that trained to the end: completed with its adapter, or failed (the saved adapter
+    did not check out), with the metrics, times and memory."""
+    outcome = {"status": "failed", "error": str(error)} if error else {"status": "completed", "adapter": ADAPTER_DIR}
+    return {**record, **outcome, "finished_at": utc_now(), "wall_time_s": round(wall_time_s, 3),
+            "train_time_s": round(train_time_s, 3), "peak_memory_mb": round(peak_memory_mb, 1),
+            "global_step": global_step, "parallelism": parallelism, "metrics": metrics}
 
 
 def training_metrics(history: list[dict], training_loss: float, final_eval: dict, global_step: int) -> dict[str, Any]:
