@@ -15,7 +15,6 @@ import tempfile
 from pathlib import Path
 
 from goraplan.errors import GoraError
-from goraplan.files import atomic_dir, atomic_file  # noqa: F401  (models.py, data.py: import from goraplan.files)
 
 
 def cache_dir() -> Path:

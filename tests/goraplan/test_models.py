@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from goraplan import cache, models
+from goraplan import files, models
 from goraplan.errors import GoraError
 from goraplan.models import MODEL_ALIASES, cache_dir, load_model, resolve_model_path
 
@@ -101,11 +101,11 @@ def test_bad_options():
 
 def test_atomic_dir_leaves_nothing_when_interrupted(tmp_path):
     target = tmp_path / "models" / "half"
-    with pytest.raises(RuntimeError), cache.atomic_dir(target) as tmp:
+    with pytest.raises(RuntimeError), files.atomic_dir(target) as tmp:
         (tmp / "config.json").write_text("{}")
         raise RuntimeError("killed mid-conversion")
     assert not target.exists() and list((tmp_path / "models").iterdir()) == []
-    with cache.atomic_dir(target) as tmp:
+    with files.atomic_dir(target) as tmp:
         (tmp / "config.json").write_text("{}")
     assert (target / "config.json").read_text() == "{}"
 
