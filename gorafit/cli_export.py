@@ -80,8 +80,8 @@ def export_cmd(run_or_adapter: str, format_: str, output: str, vllm_legacy: bool
     if result.compression is not None:
         click.echo(result.compression.summary())
         for m in sorted(result.compression.compressed, key=lambda m: m.kept):
-            click.echo(f"  {printable(m.module)}: rank {m.rank} -> {m.new_rank}, {100 * m.kept:.2f}% of its update's "
-                       f"norm kept")
+            click.echo(f"  {printable(m.module)}: rank {m.rank} -> {m.new_rank}, {100 * m.kept:.3f}% of its update's "
+                       f"norm kept, dropped {100 * m.relative_error:.2f}%")
     for problem in result.problems:
         click.echo(f"Warning: vLLM would refuse this adapter: {printable(problem)}", err=True)
     serve = result.serve_command(base)

@@ -64,6 +64,11 @@ class ModuleCompression:
         """``||dW - dW_R||_F``: the root of the sum of squares of the discarded singular values."""
         return math.sqrt(max(self.norm**2 - self.kept_norm**2, 0.0))
 
+    @property
+    def relative_error(self) -> float:
+        """``||dW - dW_R||_F / ||dW||_F`` (0.0 for an untouched or zero update)."""
+        return self.error / self.norm if self.norm > 0 else 0.0
+
 
 @dataclass(frozen=True)
 class CompressionReport:
@@ -84,6 +89,12 @@ class CompressionReport:
         return math.sqrt(sum(m.kept_norm**2 for m in self.modules)) / total if total > 0 else 1.0
 
     @property
+    def relative_error(self) -> float:
+        """The whole adapter's ``sqrt(sum ||dW_i - dW_i,R||^2) / sqrt(sum ||dW_i||^2)``."""
+        total = math.sqrt(sum(m.norm**2 for m in self.modules))
+        return math.sqrt(sum(m.error**2 for m in self.modules)) / total if total > 0 else 0.0
+
+    @property
     def worst(self) -> ModuleCompression | None:
         """The compressed module that kept the smallest fraction of its norm."""
         return min(self.compressed, key=lambda m: m.kept, default=None)
@@ -94,8 +105,9 @@ class CompressionReport:
             "modules_compressed": len(self.compressed),
             "modules": len(self.modules),
             "norm_kept_total": self.kept,
-            "per_module": {m.module: {"rank": m.rank, "new_rank": m.new_rank, "norm": m.norm,
-                                      "norm_kept": m.kept, "error": m.error} for m in self.modules},
+            "relative_error_total": self.relative_error,
+            "per_module": {m.module: {"rank": m.rank, "new_rank": m.new_rank, "norm": m.norm, "norm_kept": m.kept,
+                                      "error": m.error, "relative_error": m.relative_error} for m in self.modules},
         }
 
     def summary(self) -> str:
@@ -106,8 +118,9 @@ class CompressionReport:
         worst = self.worst
         assert worst is not None
         return (f"Compressed {len(self.compressed)} of {len(self.modules)} modules to rank {self.max_rank} by "
-                f"truncated SVD: {100 * self.kept:.2f}% of the adapter's update norm kept in total; lowest "
-                f"{100 * worst.kept:.2f}% in {worst.module} (rank {worst.rank}).")
+                f"truncated SVD: {100 * self.kept:.3f}% of the adapter's update norm kept in total (what was dropped "
+                f"is {100 * self.relative_error:.2f}% of it); lowest {100 * worst.kept:.3f}% (dropped "
+                f"{100 * worst.relative_error:.2f}%) in {worst.module} (rank {worst.rank}).")
 
 
 def _svd_of_product(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

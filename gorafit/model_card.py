@@ -115,8 +115,9 @@ def _serving(result: ExportResult) -> list[str]:
         worst = c.worst
         lines += ["", f"Compressed at export (`--max-rank {c.max_rank}`): {len(c.compressed)} of {len(c.modules)} "
                   f"modules were above rank {c.max_rank} and were replaced by the best rank-{c.max_rank} approximation "
-                  f"of their update (truncated SVD), keeping {100 * c.kept:.2f}% of the whole adapter's update norm"
-                  + (f" (lowest {100 * worst.kept:.2f}%, `{worst.module}`, rank {worst.rank})." if worst else ".")
+                  f"of their update (truncated SVD), keeping {100 * c.kept:.3f}% of the whole adapter's update norm "
+                  f"(what was dropped is {100 * c.relative_error:.2f}% of it)"
+                  + (f"; lowest {100 * worst.kept:.3f}%, `{worst.module}`, rank {worst.rank}." if worst else ".")
                   + " `gorafit verify` states the log-prob change against the uncompressed adapter; "
                   "`gora_export.json` holds the per-module figures."]
     return lines

@@ -115,6 +115,8 @@ def test_compressed_adapter_loads_in_peft_as_the_truncated_update(tmp_path, use_
     total = sum(float(u.square().sum()) for u in before.values())
     kept = sum(float(_best_rank(u, max_rank).square().sum()) for u in before.values())
     assert report.kept == pytest.approx((kept / total) ** 0.5, rel=1e-9)
+    assert report.relative_error == pytest.approx(((total - kept) / total) ** 0.5, rel=1e-6)
+    assert report.kept**2 + report.relative_error**2 == pytest.approx(1.0, rel=1e-9)
     assert 0 < report.kept < 1 and "to rank 5" in report.summary()
 
     # PEFT reads the new config and tensors back: every rank fits, every module's update is its truncation.
