@@ -97,15 +97,17 @@ def test_validate_dtype_bfloat16(tiny_model_dir, tiny_text_data, tmp_path, capsy
 
 
 @pytest.mark.slow
-def test_smollm2_float32_plan_validates_in_bfloat16(tmp_path, capsys, cli_env):
-    def run(args):
-        with pytest.raises(SystemExit) as exc:
-            run_cli(cli, [str(a) for a in args])
-        return exc.value.code, *capsys.readouterr()
+def test_smollm2_float32_plan_validates_in_bfloat16(tmp_path, capsys):
+    from goraplan.data import collator_for, make_batches, prepare
+    from goraplan.models import load_model
 
-    code, _, err = run(["build", "--model", "smollm2-135m", "--data", "sarcasm-lm", "--steps", 1, "--batch-size", 1,
-                        "--max-length", 32, "-o", tmp_path / "p.gora"])
-    assert code == 0, err
-    code, out, err = run(["validate", tmp_path / "p.gora", "--model", "smollm2-135m", "--dtype", "bfloat16"])
-    assert code == 0, err
+    model, tok = load_model("smollm2-135m")
+    ds, _ = prepare("quotes", tok, "causal-lm", max_length=32, limit=1)
+    plan = build_plan(model, make_batches(ds, collator_for(tok, "causal-lm"), 1, 1),
+                      PlanSettings(steps=1, batch_size=1, max_length=32), model_name="smollm2-135m")
+    plan.save(tmp_path / "p.gora")
+    with pytest.raises(SystemExit) as exc:
+        run_cli(cli, ["validate", str(tmp_path / "p.gora"), "--model", "smollm2-135m", "--dtype", "bfloat16"])
+    out, err = capsys.readouterr()
+    assert exc.value.code == 0, err
     assert "compared at bfloat16 precision" in out
