@@ -113,7 +113,7 @@ def probe_steps_for_budget(train_steps: int, train_batch_size: int, probe_batch_
 
 
 def probe_batches(n_rows: int, collate: Callable[[list[int]], dict], batch_size: int, train_steps: int, seed: int,
-                  *, share: float = 0.10, candidates: int = 6) -> tuple[list[dict], list[dict]]:
+                  *, share: float = 0.10, candidates: int = 7) -> tuple[list[dict], list[dict]]:
     """The range test's data, from the training set only: one held-out batch of `batch_size` examples and
     short-run batches of a quarter of it, as many as keep the search within `share` of the training run
     (`probe_steps_for_budget`). Rows are drawn from the end of the seed's permutation; `collate(indices)`
@@ -191,7 +191,8 @@ def find_lr(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Opti
     `make_optimizer(lr)` builds the optimizer the real run would build at base lr `lr` (its groups keep
     their multipliers). Candidates: `start`, then half-decade steps towards lower held-out loss until one
     is not lower by more than `tolerance` (relative), then the quarter-decade points either side of the
-    best. The model leaves with the weights it came with; its RNG state is restored so the real run
+    best; while no candidate yet lowers the held-out loss below its value before training (the lrs are
+    too large), the walk goes down. The model leaves with the weights it came with; its RNG state is restored so the real run
     that follows draws what it would have drawn without the search.
     """
     if not train_batches or not held_out:
@@ -220,12 +221,18 @@ def find_lr(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Opti
 
     try:
         start_loss = _mean_loss(model, held_out, loss_fn)
-        best_k = 0
-        direction = 2 if better(trial(2), trial(0)) else -2  # half-decade steps
-        best_k = 2 if direction == 2 else 0
+        not_training = Candidate(0.0, start_loss, [])
+
+        def helps(k: int) -> bool:  # the short run leaves the held-out loss lower than no training at all
+            return better(trial(k), not_training)
+
+        # Up (half-decade steps) only when a larger lr helps more; when nothing helps yet, the lrs are too
+        # large: walk down until one does, then on while the loss keeps falling.
+        up = inside(2) and helps(2) and better(trial(2), trial(0))
+        direction, best_k = (2, 2) if up else (-2, 0)
         while inside(best_k + direction):
             nxt = best_k + direction
-            if not better(trial(nxt), trial(best_k)):
+            if not (better(trial(nxt), trial(best_k)) or not helps(best_k)):
                 break
             best_k = nxt
         for k in (best_k - 1, best_k + 1):  # the quarter-decade points either side of the best
@@ -237,7 +244,9 @@ def find_lr(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Opti
         model.train(was_training)
     candidates = sorted(tried.values(), key=lambda c: c.lr)
     finite = [c for c in candidates if not c.diverged]
-    chosen = min(finite, key=lambda c: c.held_out_loss).lr if finite else min(c.lr for c in candidates)
+    best = min(finite, key=lambda c: c.held_out_loss) if finite else None
+    # no candidate beat not training (within the bounds): the smallest lr tried does the least harm
+    chosen = best.lr if best is not None and best.held_out_loss < start_loss else candidates[0].lr
     probe_batch = _batch_size(train_batches[0])
     return LrSearch(chosen=chosen, candidates=candidates, start_loss=start_loss,
                     steps_per_candidate=len(train_batches), probe_batch_size=probe_batch,

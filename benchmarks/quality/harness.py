@@ -36,7 +36,7 @@ WARMUP_RATIO = 0.03
 MAX_GRAD_NORM = 1.0  # transformers.Trainer's default, for every method
 WEIGHT_DECAY = 0.0  # for every method (peft's LoRA+ optimizer defaults to 0 as well)
 AUTO_SHARE = 0.10  # the range test may cost at most this share of the run it serves
-AUTO_CANDIDATES = 6  # the range test's usual number of short runs, for sizing its steps
+AUTO_CANDIDATES = 7  # the range test's usual number of short runs, for sizing its steps
 
 
 @dataclass

@@ -165,3 +165,14 @@ def test_gorafit_run_lr_auto_keeps_its_evidence_and_inspect_shows_it(tmp_path, c
     assert "<- chosen" in stdout and f"{chosen:.3g}" in stdout
     code, stdout, err = gorafit("inspect", tmp_path / "in")
     assert code == 2 and "holds no run" in err
+
+
+def test_when_every_lr_hurts_the_walk_goes_down_to_one_that_helps():
+    model = _Scalar()
+    batches = [{"x": torch.ones(2)}]
+    # from w = 0, one SGD step at lr lands on 2 lr: the loss (2 lr - 1)^2 is above the start (1) past lr 1;
+    # starting the walk at 3 (everything near it hurts) must still end near the best lr 0.5
+    search = find_lr(model, lambda lr: torch.optim.SGD(model.parameters(), lr=lr), batches, batches,
+                     max_grad_norm=None, loss_fn=_scalar_loss, start=3.0)
+    assert 0.5 / QUARTER_DECADE < search.chosen < 0.5 * QUARTER_DECADE
+    assert search.chosen < 1.0 and min(c.lr for c in search.candidates) < 1.0
