@@ -48,6 +48,7 @@ __all__ = [
 ]
 
 QUARTER_DECADE = 10 ** 0.25  # the lattice: the walk moves two steps, then tries one either side of the best
+HARM = 0.01  # a held-out loss this much (relative) above the start's: the lr hurts, it is not noise
 LR_BOUNDS = (1e-7, 1.0 + 1e-9)  # the walk never leaves these (1.0 itself included)
 
 
@@ -191,8 +192,8 @@ def find_lr(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Opti
     `make_optimizer(lr)` builds the optimizer the real run would build at base lr `lr` (its groups keep
     their multipliers). Candidates: `start`, then half-decade steps towards lower held-out loss until one
     is not lower by more than `tolerance` (relative), then the quarter-decade points either side of the
-    best; while no candidate yet lowers the held-out loss below its value before training (the lrs are
-    too large), the walk goes down. The model leaves with the weights it came with; its RNG state is restored so the real run
+    best; while the best so far leaves the held-out loss clearly (`HARM`) above its value before training
+    (the lrs are too large), the walk goes down. The model leaves with the weights it came with; its RNG state is restored so the real run
     that follows draws what it would have drawn without the search.
     """
     if not train_batches or not held_out:
@@ -221,18 +222,17 @@ def find_lr(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Opti
 
     try:
         start_loss = _mean_loss(model, held_out, loss_fn)
-        not_training = Candidate(0.0, start_loss, [])
 
-        def helps(k: int) -> bool:  # the short run leaves the held-out loss lower than no training at all
-            return better(trial(k), not_training)
+        def hurts(c: Candidate) -> bool:  # the short run leaves the held-out loss clearly above no training
+            return c.held_out_loss > start_loss * (1 + HARM)
 
-        # Up (half-decade steps) only when a larger lr helps more; when nothing helps yet, the lrs are too
-        # large: walk down until one does, then on while the loss keeps falling.
-        up = inside(2) and helps(2) and better(trial(2), trial(0))
+        # Up (half-decade steps) only when a larger lr does better without hurting; down otherwise, and on
+        # down while the best so far hurts (the lrs are too large), else while the loss keeps falling.
+        up = inside(2) and not hurts(trial(2)) and better(trial(2), trial(0))
         direction, best_k = (2, 2) if up else (-2, 0)
         while inside(best_k + direction):
             nxt = best_k + direction
-            if not (better(trial(nxt), trial(best_k)) or not helps(best_k)):
+            if not (better(trial(nxt), trial(best_k)) or (direction < 0 and hurts(trial(best_k)))):
                 break
             best_k = nxt
         for k in (best_k - 1, best_k + 1):  # the quarter-decade points either side of the best
@@ -245,8 +245,8 @@ def find_lr(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Opti
     candidates = sorted(tried.values(), key=lambda c: c.lr)
     finite = [c for c in candidates if not c.diverged]
     best = min(finite, key=lambda c: c.held_out_loss) if finite else None
-    # no candidate beat not training (within the bounds): the smallest lr tried does the least harm
-    chosen = best.lr if best is not None and best.held_out_loss < start_loss else candidates[0].lr
+    # every candidate hurt (within the bounds): the smallest lr tried does the least harm
+    chosen = best.lr if best is not None and best.held_out_loss <= start_loss * (1 + HARM) else candidates[0].lr
     probe_batch = _batch_size(train_batches[0])
     return LrSearch(chosen=chosen, candidates=candidates, start_loss=start_loss,
                     steps_per_candidate=len(train_batches), probe_batch_size=probe_batch,

@@ -176,3 +176,12 @@ def test_when_every_lr_hurts_the_walk_goes_down_to_one_that_helps():
                      max_grad_norm=None, loss_fn=_scalar_loss, start=3.0)
     assert 0.5 / QUARTER_DECADE < search.chosen < 0.5 * QUARTER_DECADE
     assert search.chosen < 1.0 and min(c.lr for c in search.candidates) < 1.0
+
+
+def test_a_flat_curve_keeps_the_start_instead_of_walking_to_the_smallest_lr():
+    model = _Scalar()
+    batches = [{"x": torch.ones(2)}]
+    flat = lambda m, b: _scalar_loss(m, b) * 0 + 1.0 + 1e-6 * m.w.sum()  # noqa: E731  (no lr changes it)
+    search = find_lr(model, lambda lr: torch.optim.SGD(model.parameters(), lr=lr), batches, batches,
+                     max_grad_norm=None, loss_fn=flat)
+    assert len(search.candidates) <= 5 and 3e-4 < search.chosen < 3e-3
