@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -430,6 +431,28 @@ def held_out(adapter: Path | None, examples: int) -> dict:
     return {"loss": loss_sum / tokens, "first_token_accuracy": right / n, "examples": n}
 
 
+def write_compression_markdown(path: Path, report: dict) -> None:
+    rows = report["rows"]
+    lines = ["# Compression at export: held-out loss of one trained GoRA adapter", "",
+             f"- Command: `{report['stamp']['command']}`", f"- Date: {report['stamp']['date']}",
+             f"- Adapter: `goraplan build --model {MODEL} --data sarcasm-lm --rank 8 --max-rank 32 --steps 16`, then "
+             f"`gorafit run` {report['train_steps']} steps of 8 examples (gorafit's defaults otherwise); exported with "
+             "`gorafit export --format peft [--max-rank R]`.",
+             f"- Held-out: the first {rows['base model (no adapter)']['examples']} examples of sarcasm-lm's test split "
+             "(headline prompt, completion ' yes' / ' no'); loss is the mean over completion tokens, accuracy is the "
+             "first completion token's argmax. One adapter, one seed: a first data point, not a quality benchmark.",
+             f"- Whole run: {report['wall_s'] / 60:.1f} min.",
+             "", "| adapter | served at `--max-lora-rank` | modules compressed | update norm kept | dropped (relative "
+             "error) | held-out loss | first-token accuracy |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, row in rows.items():
+        kept = row.get("norm_kept_total")
+        shown = (f"{100 * kept:.3f}% | {100 * math.sqrt(max(1 - kept**2, 0.0)):.2f}%" if kept is not None
+                 else "- | -")
+        lines.append(f"| {name} | {row.get('max_lora_rank') or '-'} | {row.get('modules_compressed') or '-'} | "
+                     f"{shown} | {row['loss']:.4f} | {100 * row['first_token_accuracy']:.1f}% |")
+    path.write_text("\n".join(lines) + "\n")
+
+
 def compression_point(args) -> int:
     """Plan GoRA (r0 8, r_max 32), train it, export it uncompressed and compressed to 16 and 8, compare held-out loss."""
     sys.path.insert(0, str(ROOT))
@@ -461,21 +484,7 @@ def compression_point(args) -> int:
     report = {"stamp": stamp([Path(sys.executable).name, *sys.argv]), "train_steps": args.train_steps,
               "rows": rows, "wall_s": time.perf_counter() - started}
     (RESULTS / "serve-compression.json").write_text(json.dumps(report, indent=2))
-    lines = ["# Compression at export: held-out loss of one trained GoRA adapter", "",
-             f"- Command: `{report['stamp']['command']}`", f"- Date: {report['stamp']['date']}",
-             f"- Adapter: `goraplan build --model {MODEL} --data sarcasm-lm --rank 8 --max-rank 32 --steps 16`, then "
-             f"`gorafit run` {args.train_steps} steps of 8 examples (gorafit's defaults otherwise); exported with "
-             "`gorafit export --format peft [--max-rank R]`.",
-             f"- Held-out: the first {rows['base model (no adapter)']['examples']} examples of sarcasm-lm's test split "
-             "(headline prompt, completion ' yes' / ' no'); loss is the mean over completion tokens, accuracy is the "
-             "first completion token's argmax. One adapter, one seed: a first data point, not a quality benchmark.",
-             "", "| adapter | served at `--max-lora-rank` | update norm kept | held-out loss | first-token accuracy |",
-             "|---|---:|---:|---:|---:|"]
-    for name, row in rows.items():
-        kept = f"{100 * row['norm_kept_total']:.2f}%" if row.get("norm_kept_total") is not None else "-"
-        lines.append(f"| {name} | {row.get('max_lora_rank') or '-'} | {kept} | {row['loss']:.4f} | "
-                     f"{100 * row['first_token_accuracy']:.1f}% |")
-    (RESULTS / "serve-compression.md").write_text("\n".join(lines) + "\n")
+    write_compression_markdown(RESULTS / "serve-compression.md", report)
     print(f"Wrote {RESULTS / 'serve-compression'}.json and .md in {report['wall_s'] / 60:.1f} min")
     return 0
 

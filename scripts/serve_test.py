@@ -10,12 +10,16 @@ Stages, each timed (wall seconds, written to ``WORK/serve_test.json``):
 1. train: ``goraplan build`` on SmolLM2-135M and the sarcasm headlines, then ``gorafit run`` for a few
    steps. When those commands are not installed, the same kind of adapter (heterogeneous ranks,
    rsLoRA) is trained a few steps with PEFT directly, and the report says so.
-2. export: ``gorafit export --format peft`` natively and with ``--vllm-legacy``.
+2. export: ``gorafit export --format peft`` natively, with ``--vllm-legacy``, and compressed to
+   rank 8 (``--max-rank 8``); the serve command the native export prints must use the smallest
+   ``--max-lora-rank`` and ``--lora-target-modules`` with the adapter's own modules.
 3. vLLM offline: ``gorafit verify --engine vllm`` for each export: greedy tokens identical to
-   HF+PEFT and log-probs within 1e-4 (float32).
-4. vLLM server: the OpenAI-compatible server on 127.0.0.1 with both adapters as ``--lora-modules``,
-   a bounded number of completion requests (greedy, token ids and log-probs returned) compared with
-   HF+PEFT, then the server is stopped.
+   HF+PEFT and log-probs within 1e-4 (float32); for the compressed export the reference is the
+   trained adapter compressed the same way, and the log-prob change against the uncompressed one is
+   reported.
+4. vLLM server: the command the export printed, run on 127.0.0.1 with the legacy adapter added to its
+   ``--lora-modules``, a bounded number of completion requests (greedy, token ids and log-probs
+   returned) compared with HF+PEFT, then the server is stopped.
 
 Exit code 0 when every check passes, 1 otherwise.
 """
@@ -26,6 +30,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -142,13 +147,20 @@ def http_json(url: str, payload: dict | None = None, timeout: float = 120) -> di
         return json.loads(response.read())
 
 
-def serve_and_query(serve_python: str, base_path: str, exports: dict[str, Path], max_lora_rank: int,
-                    prompts: list[str], requests: int, new_tokens: int, work: Path) -> dict:
+def serve_and_query(serve_python: str, printed: str, more_adapters: dict[str, Path], prompts: list[str],
+                    requests: int, new_tokens: int, work: Path) -> dict:
+    """Run the serve command an export printed (its own python swapped for `serve_python`, `more_adapters`
+    added to its --lora-modules, a local port and float32), send `requests` completions, stop it."""
     port = free_port()
-    cmd = [serve_python, "-m", "vllm.entrypoints.openai.api_server", "--model", base_path, "--host", "127.0.0.1",
-           "--port", str(port), "--enable-lora", "--max-lora-rank", str(max_lora_rank), "--dtype", "float32",
-           "--max-model-len", "256", "--enforce-eager", "--lora-modules",
-           *[f"{name}={path}" for name, path in exports.items()]]
+    cmd = shlex.split(printed)
+    if cmd[:3] != ["python", "-m", "vllm.entrypoints.openai.api_server"] or "--lora-modules" not in cmd:
+        raise RuntimeError(f"unexpected serve command: {printed}")
+    cmd[0] = serve_python
+    at = cmd.index("--lora-modules") + 2
+    cmd[at:at] = [f"{name}={path}" for name, path in more_adapters.items()]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
+            "--enforce-eager"]
+    served_names = [spec.split("=", 1)[0] for spec in cmd[cmd.index("--lora-modules") + 1:at + len(more_adapters)]]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     log("$ " + " ".join(cmd))
     server_log = open(work / "server.log", "w")  # noqa: SIM115 (closed below)
@@ -173,8 +185,8 @@ def serve_and_query(serve_python: str, base_path: str, exports: dict[str, Path],
         answers = []
         begin = time.perf_counter()
         for i in range(requests):  # bounded: `requests` completions in all, round robin over adapters and prompts
-            name = list(exports)[i % len(exports)]
-            prompt = prompts[(i // len(exports)) % len(prompts)]
+            name = served_names[i % len(served_names)]
+            prompt = prompts[(i // len(served_names)) % len(prompts)]
             reply = http_json(f"http://127.0.0.1:{port}/v1/completions", {
                 "model": name, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0.0, "logprobs": 1,
                 "ignore_eos": True, "return_tokens_as_token_ids": True})
@@ -263,33 +275,40 @@ def main() -> int:
         run_dir = train_with_peft(work, args.train_steps)
     times["plan_and_train"] = time.perf_counter() - begin
 
-    # ---- 2. export native and legacy
-    from gorafit.saved_adapter import read_adapter
-    from gorafit.vllm_serving import smallest_max_lora_rank
+    # ---- 2. export native, legacy and compressed; the printed serve command
+    from gorafit.saved_adapter import module_ranks, read_adapter
+    from gorafit.vllm_serving import lora_target_modules, smallest_max_lora_rank
     from goraplan.models import resolve_model_path
 
-    exports = {"gora": work / "export-native", "gora-legacy": work / "export-legacy"}
-    use_cli = has_subcommand("gorafit", "export")
+    exports = {"gora": work / "gora", "gora-legacy": work / "gora-legacy", "gora-r8": work / "gora-r8"}
+    flags = {"gora": [], "gora-legacy": ["--vllm-legacy"], "gora-r8": ["--max-rank", "8"]}
+    printed: dict[str, str] = {}
     for name, out in exports.items():
         begin = time.perf_counter()
-        if use_cli:
-            run(command("gorafit") + ["export", str(run_dir), "--format", "peft", "-o", str(out)]
-                + (["--vllm-legacy"] if name.endswith("legacy") else []))
-        else:
-            from gorafit.export import export_peft
-
-            export_peft(run_dir, out, vllm_legacy=name.endswith("legacy"))
+        proc = run(command("gorafit") + ["export", str(run_dir), "--format", "peft", "-o", str(out), *flags[name]],
+                   capture_output=True)
+        print(proc.stdout, end="", flush=True)
+        lines = proc.stdout.splitlines()
+        printed[name] = lines[lines.index("Serve it with vLLM:") + 1].strip()
         times[f"export_{name}"] = time.perf_counter() - begin
-    config, _, _ = read_adapter(exports["gora"])
+    config, tensors, _ = read_adapter(exports["gora"])
     base = config.get("base_model_name_or_path") or "smollm2-135m"
     base_path = resolve_model_path(base)
-    legacy_config, _, _ = read_adapter(exports["gora-legacy"])
-    max_rank = legacy_config["r"]
-    max_lora_rank = smallest_max_lora_rank(max_rank)
-    report.update(base=base, base_path=base_path, max_rank=max_rank, max_lora_rank=max_lora_rank)
+    ranks = module_ranks(config, tensors)
+    max_rank, max_lora_rank = max(ranks.values()), smallest_max_lora_rank(max(ranks.values()))
+    report.update(base=base, base_path=base_path, max_rank=max_rank, max_lora_rank=max_lora_rank,
+                  serve_command=printed["gora"])
+    expected = (f"--max-lora-rank {max_lora_rank} --lora-target-modules {' '.join(lora_target_modules(ranks))} "
+                f"--lora-modules gora=")
+    report["checks"]["serve_command"] = {"ok": expected in printed["gora"], "expected": expected,
+                                         "printed": printed["gora"]}
+    ok = report["checks"]["serve_command"]["ok"]
+    log(f"printed serve command uses {expected!r}: {ok}")
+    compression = json.loads((exports["gora-r8"] / "gora_export.json").read_text())["compression"]
+    report["compression_r8"] = {k: compression[k] for k in ("max_rank", "modules", "modules_compressed",
+                                                            "norm_kept_total")}
 
     # ---- 3. vLLM offline engine vs HF+PEFT
-    ok = True
     for name, out in exports.items():
         begin = time.perf_counter()
         cmd = command("gorafit") + ["verify", str(out), "--engine", "vllm", "--python", args.serve_python,
@@ -300,19 +319,23 @@ def main() -> int:
         verdict = json.loads(proc.stdout)
         report["checks"][f"offline_{name}"] = {
             "ok": verdict["ok"], "tokens_equal": verdict["tokens_equal"],
-            "max_abs_logprob_diff": verdict["max_abs_logprob_diff"], "seconds": verdict["seconds"]}
+            "max_abs_logprob_diff": verdict["max_abs_logprob_diff"], "seconds": verdict["seconds"],
+            "compression_change": verdict.get("compression_change")}
         log(f"offline {name}: tokens equal {verdict['tokens_equal']}, max |logprob diff| "
-            f"{verdict['max_abs_logprob_diff']:.3g}")
+            f"{verdict['max_abs_logprob_diff']:.3g}" + (
+                f"; compressed: {100 * compression['norm_kept_total']:.2f}% of the update norm kept, log-probs "
+                f"change by up to {verdict['compression_change']['max_abs_logprob_change']:.3g} against the "
+                f"uncompressed adapter" if verdict.get("compression_change") else ""))
         ok &= verdict["ok"]
 
     # ---- 4. the OpenAI-compatible server
     begin = time.perf_counter()
-    served = serve_and_query(args.serve_python, base_path, exports, max_lora_rank, PROMPTS, args.requests,
-                             args.new_tokens, work)
+    served = serve_and_query(args.serve_python, printed["gora"], {"gora-legacy": exports["gora-legacy"]}, PROMPTS,
+                             args.requests, args.new_tokens, work)
     times["server_total"] = time.perf_counter() - begin
     times.update({f"server_{k}": v for k, v in served.items() if k.endswith("_s")})
     worst, effect = reference_for(served["answers"], run_dir, base)
-    server_ok = (set(exports) <= set(served["models"]) and all(a["tokens_equal"] for a in served["answers"])
+    server_ok = ({"gora", "gora-legacy"} <= set(served["models"]) and all(a["tokens_equal"] for a in served["answers"])
                  and worst <= args.tolerance and effect > 10 * args.tolerance)
     report["checks"]["server"] = {"ok": server_ok, "models": served["models"], "requests": len(served["answers"]),
                                   "max_abs_logprob_diff": worst, "adapter_effect_max_abs_logprob": effect,
