@@ -185,7 +185,7 @@ class _Snapshot:
 
 def find_lr(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Optimizer],
             train_batches: Sequence[dict], held_out: Sequence[dict], *, start: float = 1e-3,
-            max_grad_norm: float | None = 1.0, tolerance: float = 1e-4,
+            max_grad_norm: float | None = 1.0, tolerance: float = 1e-4, max_candidates: int | None = None,
             loss_fn: Callable[[nn.Module, dict], torch.Tensor] = _default_loss) -> LrSearch:
     """The range test: the lr whose short run on `train_batches` gives the lowest loss on `held_out`.
 
@@ -194,7 +194,9 @@ def find_lr(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Opti
     is not lower by more than `tolerance` (relative), then the quarter-decade points either side of the
     best; while the best so far leaves the held-out loss clearly (`HARM`) above its value before training
     (the lrs are too large), the walk goes down. The model leaves with the weights it came with; its RNG state is restored so the real run
-    that follows draws what it would have drawn without the search.
+    that follows draws what it would have drawn without the search. At most `max_candidates` short runs
+    (the budget `probe_steps_for_budget` sized the steps for): the walk stops two short of it, so that the
+    refinement either side of the best still fits.
     """
     if not train_batches or not held_out:
         raise ValueError("find_lr needs at least one training batch and one held-out batch")
@@ -230,13 +232,14 @@ def find_lr(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Opti
         # down while the best so far hurts (the lrs are too large), else while the loss keeps falling.
         up = inside(2) and not hurts(trial(2)) and better(trial(2), trial(0))
         direction, best_k = (2, 2) if up else (-2, 0)
-        while inside(best_k + direction):
+        cap = math.inf if max_candidates is None else max(2, max_candidates - 2)
+        while inside(best_k + direction) and len(tried) < cap:
             nxt = best_k + direction
             if not (better(trial(nxt), trial(best_k)) or (direction < 0 and hurts(trial(best_k)))):
                 break
             best_k = nxt
         for k in (best_k - 1, best_k + 1):  # the quarter-decade points either side of the best
-            if inside(k):
+            if inside(k) and (max_candidates is None or len(tried) < max_candidates):
                 trial(k)
     finally:
         snapshot.restore()
@@ -263,7 +266,7 @@ def _batch_size(batch: dict) -> int | None:
 def search_training_data(model: nn.Module, rows: Sequence[dict], collate: Callable[[list[dict]], dict],
                          make_optimizer: Callable[[float], torch.optim.Optimizer], *, batch_size: int,
                          train_steps: int, seed: int, max_grad_norm: float | None = 1.0,
-                         share: float = 0.10) -> LrSearch:
+                         share: float = 0.10, candidates: int = 7) -> LrSearch:
     """`find_lr` as ``gorafit run --lr auto`` runs it: on `rows` of the training set only (`probe_batches`),
     moved to the model's device, with the run's own optimizer factory."""
     device = next(p.device for p in model.parameters())
@@ -272,8 +275,8 @@ def search_training_data(model: nn.Module, rows: Sequence[dict], collate: Callab
         collated = collate([rows[i] for i in indices])
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collated.items()}
 
-    train, held = probe_batches(len(rows), batch, batch_size, train_steps, seed, share=share)
-    search = find_lr(model, make_optimizer, train, held, max_grad_norm=max_grad_norm)
+    train, held = probe_batches(len(rows), batch, batch_size, train_steps, seed, share=share, candidates=candidates)
+    search = find_lr(model, make_optimizer, train, held, max_grad_norm=max_grad_norm, max_candidates=candidates)
     search.extra.update(train_steps=train_steps, batch_size=batch_size, share_budget=share)
     return search
 

@@ -185,3 +185,11 @@ def test_a_flat_curve_keeps_the_start_instead_of_walking_to_the_smallest_lr():
     search = find_lr(model, lambda lr: torch.optim.SGD(model.parameters(), lr=lr), batches, batches,
                      max_grad_norm=None, loss_fn=flat)
     assert len(search.candidates) <= 5 and 3e-4 < search.chosen < 3e-3
+
+
+def test_the_walk_stops_at_its_candidate_budget():
+    model = _Scalar()
+    batches = [{"x": torch.ones(2)}]
+    search = find_lr(model, lambda lr: torch.optim.SGD(model.parameters(), lr=lr), batches, batches,
+                     max_grad_norm=None, loss_fn=_scalar_loss, start=1e-6, max_candidates=5)
+    assert len(search.candidates) == 5  # the loss keeps falling up to lr 0.5: only the budget stops the walk
