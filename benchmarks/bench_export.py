@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from goraplan.provenance import library_versions
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 FORMATS = {
@@ -200,15 +202,8 @@ def machine() -> dict:
 
 
 def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for package in ("goraplan", "torch", "transformers", "peft", "safetensors", "onnx", "onnxscript", "onnxruntime"):
-        try:
-            out[package] = md.version(package)
-        except md.PackageNotFoundError:
-            out[package] = None
-    return out
+    return library_versions(("goraplan", "torch", "transformers", "peft", "safetensors", "onnx", "onnxscript",
+                             "onnxruntime"))
 
 
 def write_markdown(result: dict, path: Path) -> None:

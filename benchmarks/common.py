@@ -9,10 +9,11 @@ import platform
 import resource
 import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 
 import torch
+
+from goraplan.provenance import package_version
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -40,12 +41,7 @@ def peak_rss_mb() -> float:
 
 
 def stamp(command: list[str]) -> dict:
-    versions = {}
-    for pkg in ("torch", "transformers", "peft", "datasets", "goraplan"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
+    versions = {name: package_version(name) for name in ("torch", "transformers", "peft", "datasets", "goraplan")}
     return {
         "command": " ".join(command),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from goraplan.errors import GoraError
+from goraplan.errors import GoraError, first_line
 from goraplan.files import check_not_input, write_json_atomic, write_text_atomic
 from goraplan.untrusted import printable, read_json_object, strict_json
 
@@ -256,7 +256,7 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
             for name in f.keys():
                 f.get_slice(name)
     except Exception as exc:  # safetensors raises its own error types for broken headers and sizes
-        return f"{ADAPTER_WEIGHTS} is unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        return f"{ADAPTER_WEIGHTS} is unreadable ({first_line(exc, type(exc).__name__)})"
     for name in ("optimizer.pt", "scheduler.pt"):
         if (checkpoint / name).exists() and not _readable_zip(checkpoint / name):
             return f"{name} is not a readable torch file"

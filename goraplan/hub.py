@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from goraplan.errors import GoraError
+from goraplan.errors import GoraError, first_line
 
 __all__ = ["PLAN_FILENAME", "RepoRef", "parse_repo_ref", "resolve_plan_source", "split_model_revision", "push_plan"]
 
@@ -126,8 +126,8 @@ def hub_error_sentence(exc: BaseException, ref: RepoRef, filename: str, *, local
         return (f"{where}{wanted} could not be fetched (no connection to the Hub) and is not cached: "
                 f"check the network, or {instead}.")
     if isinstance(exc, HfHubHTTPError):
-        return f"{where}the Hub refused {wanted} ({_first_line(exc)}): check the name, revision and your login."
-    return f"{where}{wanted} could not be fetched ({type(exc).__name__}: {_first_line(exc)}): {instead}."
+        return f"{where}the Hub refused {wanted} ({first_line(exc)}): check the name, revision and your login."
+    return f"{where}{wanted} could not be fetched ({type(exc).__name__}: {first_line(exc)}): {instead}."
 
 
 def push_plan(
@@ -178,8 +178,8 @@ def _push_error_sentence(exc: BaseException, target: RepoRef) -> str:
     if isinstance(exc, LocalTokenNotFoundError):
         return f"cannot push to {target}: not logged in; run hf auth login or set HF_TOKEN."
     if isinstance(exc, HfHubHTTPError):
-        return f"the Hub refused the push to {target} ({_first_line(exc)}): check your login and write access."
-    return (f"cannot push to {target} ({type(exc).__name__}: {_first_line(exc)}): check the network and your "
+        return f"the Hub refused the push to {target} ({first_line(exc)}): check your login and write access."
+    return (f"cannot push to {target} ({type(exc).__name__}: {first_line(exc)}): check the network and your "
             "login (hf auth login).")
 
 
@@ -187,8 +187,3 @@ def _plan_sha(folder: Path) -> str:
     from goraplan.files import file_sha256
 
     return file_sha256(folder / PLAN_FILENAME)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else "no details"

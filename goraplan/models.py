@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from goraplan.cache import cache_dir, say
-from goraplan.errors import GoraError
+from goraplan.errors import GoraError, first_line
 from goraplan.files import atomic_dir
 from goraplan.hub import RepoRef, hub_error_sentence, split_model_revision
 from goraplan.untrusted import printable
@@ -202,7 +202,7 @@ def load_model(
         raise
     except Exception as exc:  # Hub offline, unknown repo, not a model folder, unsupported architecture...
         raise GoraError(
-            f"could not load model {name!r} for {task} ({type(exc).__name__}: {_first_line(exc)}): give a local "
+            f"could not load model {name!r} for {task} ({type(exc).__name__}: {first_line(exc)}): give a local "
             f"model folder, a Hub id reachable from here, or one of the built-in models: {', '.join(MODEL_ALIASES)}."
         ) from exc
 
@@ -247,11 +247,6 @@ def _ensure_pad_token(model: torch.nn.Module, tokenizer: transformers.PreTrained
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else "no details"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -18,41 +18,57 @@ sharded parameter before the hook, so bfloat16 shards would round every summed g
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from goraplan import distributed
 from goraplan.errors import GoraError
 
 SHARDABLE_IMPORTANCE = ("sensitivity",)
 
+# FSDP and DTensor are imported only where a model may hold them: importing them costs about a third of
+# the command line's start-up, and a model cannot be sharded before torch.distributed.fsdp is imported.
+
+
+def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    if "torch.distributed.fsdp" not in sys.modules:
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    if "torch.distributed.tensor" not in sys.modules:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether ``model`` (or a part of it) is sharded with FSDP2's ``fully_shard``."""
-    return any(isinstance(m, FSDPModule) for m in model.modules())
+    return bool(_fsdp_modules(model))
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """This process's part of ``t``: the local rows of a sharded tensor, ``t`` itself otherwise."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if _is_dtensor(t) else t
 
 
 def compute_dtype(model: nn.Module) -> torch.dtype:
     """The dtype forward and backward run in: the mixed-precision ``param_dtype`` of the sharded model, or
     the dtype of its parameters."""
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            # FSDP2 has no public getter for the policy it was given.
-            param_dtype = module._get_fsdp_state()._mp_policy.param_dtype
-            if param_dtype is not None:
-                return param_dtype
-            break
+    for module in _fsdp_modules(model)[:1]:
+        # FSDP2 has no public getter for the policy it was given.
+        param_dtype = module._get_fsdp_state()._mp_policy.param_dtype
+        if param_dtype is not None:
+            return param_dtype
     return next(model.parameters()).dtype
 
 
@@ -65,6 +81,8 @@ def shard_model(model: nn.Module, compute_dtype: torch.dtype | None = None) -> n
     """
     if not distributed.initialized():
         raise GoraError("sharding needs a process group: launch with torchrun --nproc_per_node N")
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     compute_dtype = compute_dtype or next(model.parameters()).dtype
     policy = MixedPrecisionPolicy(
         param_dtype=None if compute_dtype == torch.float32 else compute_dtype, reduce_dtype=torch.float32
@@ -95,12 +113,7 @@ def gradients_summed(model: nn.Module) -> Iterator[None]:
     The divide factor alone asks gloo for a ``PREMUL_SUM`` it lacks; forcing sum-only collectives makes
     it a plain sum. FSDP2 exposes setters only, so the previous values are read back from its state.
     """
-    groups = [
-        group
-        for module in model.modules()
-        if isinstance(module, FSDPModule)
-        for group in module._get_fsdp_state()._fsdp_param_groups
-    ]
+    groups = [group for module in _fsdp_modules(model) for group in module._get_fsdp_state()._fsdp_param_groups]
     saved = [(g.gradient_divide_factor, g.force_sum_reduction_for_comms) for g in groups]
     try:
         for group in groups:
@@ -131,7 +144,7 @@ def gather_rows(rows: torch.Tensor, total_rows: int) -> torch.Tensor:
 def full_weight(module: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
     """The whole weight of one module in ``dtype`` (every process must call this, in the same order)."""
     w = module.weight.detach()
-    return (w.full_tensor() if isinstance(w, DTensor) else w).to(dtype)
+    return (w.full_tensor() if _is_dtensor(w) else w).to(dtype)
 
 
 def check_importance_metric(metric: str) -> None:
