@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.resources
 import importlib.util
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from transformers import Trainer, TrainingArguments
 
 from gorafit.settings import TrainSettings
 from goraplan.errors import GoraError, first_line
+from goraplan.untrusted import read_json_object
 
 __all__ = [
     "check_launcher",
@@ -180,10 +180,7 @@ def fsdp_arguments(spec: str | None, config: dict | str | None) -> tuple[bool, d
         path = Path(config)
         if not path.is_file():
             raise GoraError(f"FSDP config file {config} does not exist")
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise GoraError(f"FSDP config file {config} is not valid JSON ({exc})") from None
+        config = read_json_object(path, "FSDP config file")
     merged = {k.removeprefix("fsdp_"): v for k, v in (config or {}).items()}
     options = spec.replace(",", " ").split() or ["full_shard"]
     merged.setdefault("version", 2)
@@ -215,10 +212,7 @@ def deepspeed_config_path(spec: str) -> str:
         path = Path(spec)
         if not path.is_file():
             raise GoraError(f"DeepSpeed config {spec} does not exist; give a JSON file, or zero2 / zero3")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise GoraError(f"DeepSpeed config {path} is not valid JSON ({exc})") from None
+    config = read_json_object(path, "DeepSpeed config")
     if "optimizer" in config:
         raise GoraError(
             f"DeepSpeed config {path} has an optimizer block, which would replace the LoRA+ learning rates "

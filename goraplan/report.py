@@ -124,7 +124,8 @@ def diff_lines(a: Plan, b: Plan) -> list[str]:
         out.append("ranks: the second plan reuses the first plan's ranks (goraplan build --ranks-from)")
     if len(common) > 1:
         share_a, share_b = [_share(a, n) for n in common], [_share(b, n) for n in common]
-        rho = _spearman(share_a, share_b)
+        rho = rank_correlation(share_a, share_b)
+        rho = 1.0 if rho is None else rho  # a constant order agrees with itself
         out.append(f"importance order: Spearman rank correlation {rho:.4f} over {len(common)} shared modules")
         k = max(1, len(common) // 4)
         shared_top = top_k_overlap(share_a, share_b, k)
@@ -155,7 +156,13 @@ def _share(plan: Plan, name: str) -> float:
     return next(m.share for m in plan.manifest.modules if m.name == name)
 
 
-def _spearman(x: list[float], y: list[float]) -> float:
+def rank_correlation(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rank correlation (no ties expected); None when either side is constant.
+
+    >>> rank_correlation([1, 2, 3, 4], [10, 30, 20, 40])
+    0.8
+    """
+
     def ranks(v: list[float]) -> list[float]:
         order = sorted(range(len(v)), key=v.__getitem__)
         r = [0.0] * len(v)
@@ -167,7 +174,7 @@ def _spearman(x: list[float], y: list[float]) -> float:
     mx, my = statistics.mean(rx), statistics.mean(ry)
     cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
     var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
-    return cov / var if var else 1.0
+    return cov / var if var else None
 
 
 PLOT_FORMATS = ("png", "svg", "pdf", "jpg", "jpeg", "webp", "tif", "tiff")

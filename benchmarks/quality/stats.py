@@ -12,6 +12,7 @@ import statistics
 from collections import defaultdict
 
 from benchmarks.quality.grid import AUTO, lr_key
+from goraplan.report import rank_correlation
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -40,21 +41,7 @@ def spearman(x: list[float], y: list[float]) -> float | None:
     >>> spearman([1, 2, 3, 4], [10, 30, 20, 40])
     0.8
     """
-    if len(x) < 3:
-        return None
-
-    def ranks(v):
-        order = sorted(range(len(v)), key=v.__getitem__)
-        r = [0.0] * len(v)
-        for pos, i in enumerate(order):
-            r[i] = float(pos)
-        return r
-
-    rx, ry = ranks(x), ranks(y)
-    mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
-    var = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
-    return cov / var if var else None
+    return rank_correlation(x, y) if len(x) >= 3 else None
 
 
 class Cells:

@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from gorafit.cli import cli
-from goraplan.cli_support import run_cli
+from tests.cli_runner import run_command
 from tests.gorafit.test_train import make_run_inputs
 from tests.tiny import make_tokenizer, tiny_llama
 
@@ -23,10 +23,7 @@ def inputs(tmp_path_factory):
 
 
 def run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        run_cli(cli, [str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
+    return run_command(cli, args, capsys)
 
 
 def assert_one_sentence(code, err, *fragments):

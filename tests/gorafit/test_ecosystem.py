@@ -14,7 +14,7 @@ from gorafit.cli import cli
 from gorafit.recipe import train
 from gorafit.settings import TrainSettings
 from gorafit.training_args import launch_warning
-from goraplan.cli_support import run_cli
+from tests.cli_runner import run_command
 from tests.gorafit.test_train import make_run_inputs, subprocess_env
 
 
@@ -29,10 +29,7 @@ def inputs(tmp_path_factory):
 
 
 def run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        run_cli(cli, [str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
+    return run_command(cli, args, capsys)
 
 
 @pytest.mark.parametrize(("extra", "message"), [

@@ -17,6 +17,7 @@ import pytest
 from gorafit.cli import cli
 from goraplan.cli_support import run_cli
 from goraplan.untrusted import strict_json
+from tests.cli_runner import run_command
 from tests.gorafit.test_train import make_run_inputs
 
 FAST = ["--batch-size", 4, "--logging-steps", 1, "--disable-tqdm", "--report-to", "none", "--eval-fraction", 0.1,
@@ -49,10 +50,7 @@ def previous(finished_run, tmp_path):
 
 
 def run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        run_cli(cli, [str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
+    return run_command(cli, args, capsys)
 
 
 def one_sentence(code, err, *fragments):

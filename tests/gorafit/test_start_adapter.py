@@ -12,16 +12,13 @@ from peft import PeftModel
 import goraplan
 from gorafit.apply import apply_plan, lora_config_for
 from gorafit.cli import cli
-from goraplan.cli_support import run_cli
 from goraplan.models import load_model
+from tests.cli_runner import run_command
 from tests.gorafit.test_train import LABELS, make_run_inputs
 
 
 def run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        run_cli(cli, [str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
+    return run_command(cli, args, capsys)
 
 
 def lora_tensors(peft_model) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ from transformers import EarlyStoppingCallback
 from gorafit import TrainSettings, train
 from gorafit.cli import cli
 from gorafit.settings import load_config_file
-from goraplan.cli_support import run_cli
+from tests.cli_runner import run_command
 from tests.gorafit.test_train import make_run_inputs
 
 FAST = dict(per_device_train_batch_size=4, logging_steps=1, disable_tqdm=True, eval_fraction=0.1)
@@ -24,10 +24,7 @@ def inputs(tmp_path_factory):
 
 
 def run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        run_cli(cli, [str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
+    return run_command(cli, args, capsys)
 
 
 def test_training_arguments_fields_sit_beside_gorafit_settings():

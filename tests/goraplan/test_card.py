@@ -10,17 +10,14 @@ from huggingface_hub import ModelCard
 import goraplan
 from goraplan.card import CARD_FILES, write_card
 from goraplan.cli import cli
-from goraplan.cli_support import run_cli
 from goraplan.errors import GoraError
+from tests.cli_runner import run_command
 from tests.hub_cache import fill_hub_cache, folder_files, offline_hub
 from tests.tiny import random_batches, tiny_llama
 
 
 def run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        run_cli(cli, [str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
+    return run_command(cli, args, capsys)
 
 
 def make_plan(folder, **kwargs):

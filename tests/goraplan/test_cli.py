@@ -12,14 +12,11 @@ import pytest
 from safetensors.torch import save_file
 
 from goraplan.cli import cli
-from goraplan.cli_support import run_cli
+from tests.cli_runner import run_command
 
 
 def run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        run_cli(cli, [str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
+    return run_command(cli, args, capsys)
 
 
 @pytest.fixture()

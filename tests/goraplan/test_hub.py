@@ -28,15 +28,13 @@ from goraplan.hub import (
     split_model_revision,
 )
 from goraplan.models import hub_commit, load_model, plan_base_model
+from tests.cli_runner import run_command
 from tests.hub_cache import fill_hub_cache, folder_files, offline_hub
 from tests.tiny import make_tokenizer, random_batches, tiny_llama
 
 
 def run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        run_cli(cli, [str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
+    return run_command(cli, args, capsys)
 
 
 @pytest.fixture(scope="module")

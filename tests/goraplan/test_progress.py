@@ -7,8 +7,8 @@ import io
 import pytest
 
 from goraplan.cli import cli
-from goraplan.cli_support import run_cli
 from goraplan.progress import LineProgress, progress
+from tests.cli_runner import run_command
 
 
 class Terminal(io.StringIO):
@@ -53,10 +53,7 @@ def test_a_terminal_gets_tqdm_and_tqdm_disable_silences_both(monkeypatch):
 
 
 def build(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        run_cli(cli, [str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
+    return run_command(cli, args, capsys)
 
 
 @pytest.fixture()

@@ -7,18 +7,15 @@ import torch
 
 import goraplan
 from goraplan.cli import cli
-from goraplan.cli_support import run_cli
 from goraplan.errors import GoraError
 from goraplan.ranks_from import adopt_allocation, record_ranks_source, reusable_ranks
 from goraplan.report import diff_lines, summary_lines
+from tests.cli_runner import run_command
 from tests.tiny import random_batches, tiny_llama
 
 
 def run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        run_cli(cli, [str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
+    return run_command(cli, args, capsys)
 
 
 @pytest.fixture(scope="module")

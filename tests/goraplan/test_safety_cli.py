@@ -22,14 +22,12 @@ from goraplan.files import (
     sweep_partials,
     write_json_atomic,
 )
+from tests.cli_runner import run_command
 from tests.tiny import random_batches, tiny_llama
 
 
 def cli_run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        run_cli(cli, [str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
+    return run_command(cli, args, capsys)
 
 
 def snapshot(*roots):

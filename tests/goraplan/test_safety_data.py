@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from goraplan.cli import cli
-from goraplan.cli_support import run_cli
 from goraplan.data import collator_for, make_batches, prepare
 from goraplan.errors import GoraError
+from tests.cli_runner import run_command
 from tests.tiny import make_tokenizer, sentences
 
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
@@ -45,10 +45,7 @@ LABELS = {
 
 
 def cli_run(group, args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        run_cli(group, [str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
+    return run_command(group, args, capsys)
 
 
 def one_sentence(code, err, *fragments):

@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 
 import goraplan
 from goraplan.cli import cli
-from goraplan.cli_support import run_cli
 from goraplan.errors import GoraError
+from tests.cli_runner import run_command
 from tests.tiny import random_batches, tiny_llama
 
 
@@ -68,10 +68,7 @@ def refused(path, match=None):
 
 
 def cli_run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        run_cli(cli, [str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
+    return run_command(cli, args, capsys)
 
 
 def test_a_crafted_valid_plan_loads(parts, plan, tmp_path):

@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 
 from goraplan.allocate import SERVING_RANKS, allocate_ranks, lora_budget, padded_parameters, serving_rank
 from goraplan.cli import cli
-from goraplan.cli_support import run_cli
 from goraplan.errors import GoraError
 from goraplan.settings import PlanSettings, make_settings
+from tests.cli_runner import run_command
 
 SHAPES = [(576, 576), (192, 576), (576, 1536), (1536, 576)]
 
@@ -62,10 +62,7 @@ def test_allocation_within_a_serving_bucket_respects_budget_and_bucket(case):
 
 
 def _run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        run_cli(cli, [str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
+    return run_command(cli, args, capsys)
 
 
 def test_build_serve_rank_records_the_bucket_and_inspect_shows_it(tiny_model_dir, tiny_text_data, tmp_path, capsys,
