@@ -1,4 +1,4 @@
-"""GORA.md's maths checks for the initialisation (eqs. 11-13, Appendix A)."""
+"""The maths checks for the initialisation (docs/method.md §4; paper eqs. 11-13, Appendix A)."""
 
 import math
 
