@@ -9,10 +9,19 @@ Two measurements, both on training batches only (never an evaluation or test set
 
 - **Range test** (what ``--lr auto`` uses). From the same starting weights, train ``k`` short steps at a
   candidate lr with a fresh optimizer, score the loss on held-out *training* batches, put the weights
-  back; walk the candidates in half-decade steps from a start value towards lower held-out loss, stop
-  at the first candidate past the minimum, then try the quarter-decade points either side of the best.
-  The chosen lr is the candidate with the lowest held-out loss. Everything is kept (`LrSearch`): every
-  candidate, its score, the chosen value, the seconds it took, and a picture (`plot_lr_search`).
+  back. The walk moves in half-decade steps from a start value to bracket the *stability edge* (the
+  largest lr whose held-out loss stays within `EDGE` of the start's), then chooses by one of two rules:
+
+  - *learning seen*: some candidate lowers the held-out loss by at least `GAIN`. The walk goes on
+    downwards while the loss keeps falling, tries the quarter-decade points either side of the best,
+    and chooses the lowest held-out loss.
+  - *no learning seen*: no candidate lowers it (a short probe on a new classification head sees only a
+    plateau: the real run needs more steps than the probe's whole budget before its loss moves). It
+    then chooses the edge, refined to a quarter-decade: the largest lr that does not hurt. In the
+    quality benchmark the best lr of every method sat at or next to that edge (docs/method.md §10).
+
+  Everything is kept (`LrSearch`): every candidate, its score, the rule, the chosen value, the seconds
+  it took, and a picture (`plot_lr_search`).
 - **Curvature**: the largest eigenvalue of the loss Hessian along the trainable parameters, by power
   iteration with Hessian-vector products (`hessian_top_eigenvalue`); with per-parameter lr multipliers
   it is the eigenvalue of ``M^1/2 H M^1/2``, the curvature the optimizer's steps actually see. The
@@ -47,9 +56,16 @@ __all__ = [
     "plot_lr_search",
 ]
 
-QUARTER_DECADE = 10 ** 0.25  # the lattice: the walk moves two steps, then tries one either side of the best
-HARM = 0.01  # a held-out loss this much (relative) above the start's: the lr hurts, it is not noise
+QUARTER_DECADE = 10 ** 0.25  # the lattice the walk moves on (half-decade steps, then the quarter between)
+GAIN = 0.01  # a held-out loss this much (relative) below the start's: the probe saw learning, not noise
+EDGE = 0.03  # a held-out loss this much (relative) above the start's: the lr hurts (the stability edge)
 LR_BOUNDS = (1e-7, 1.0 + 1e-9)  # the walk never leaves these (1.0 itself included)
+
+
+LEARNING_SEEN = "learning seen: the lowest held-out training loss after the short run"
+NO_LEARNING_SEEN = (f"no learning seen (no candidate lowered the held-out loss by {GAIN:.0%}): the largest lr whose "
+                    f"held-out loss stays within {EDGE:.0%} of the start")
+NOTHING_SEEN = "no learning and no harm seen at any lr tried: kept the start value"
 
 
 @dataclass(frozen=True)
@@ -76,7 +92,7 @@ class LrSearch:
     probe_batch_size: int | None
     held_out_batches: int
     seconds: float
-    rule: str = "lowest held-out training loss after the short run"
+    rule: str = LEARNING_SEEN
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -187,16 +203,15 @@ def find_lr(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Opti
             train_batches: Sequence[dict], held_out: Sequence[dict], *, start: float = 1e-3,
             max_grad_norm: float | None = 1.0, tolerance: float = 1e-4, max_candidates: int | None = None,
             loss_fn: Callable[[nn.Module, dict], torch.Tensor] = _default_loss) -> LrSearch:
-    """The range test: the lr whose short run on `train_batches` gives the lowest loss on `held_out`.
+    """The range test: see the module's docstring for the two rules.
 
     `make_optimizer(lr)` builds the optimizer the real run would build at base lr `lr` (its groups keep
-    their multipliers). Candidates: `start`, then half-decade steps towards lower held-out loss until one
-    is not lower by more than `tolerance` (relative), then the quarter-decade points either side of the
-    best; while the best so far leaves the held-out loss clearly (`HARM`) above its value before training
-    (the lrs are too large), the walk goes down. The model leaves with the weights it came with; its RNG state is restored so the real run
-    that follows draws what it would have drawn without the search. At most `max_candidates` short runs
-    (the budget `probe_steps_for_budget` sized the steps for): the walk stops two short of it, so that the
-    refinement either side of the best still fits.
+    their multipliers). Candidates lie on the quarter-decade lattice through `start`; `tolerance` is
+    the relative margin by which one held-out loss must beat another to count as lower. The model leaves
+    with the weights it came with; its RNG state is restored so the real run that follows draws what it
+    would have drawn without the search. At most `max_candidates` short runs (the budget
+    `probe_steps_for_budget` sized the steps for): the walk stops two short of it, so that the quarter-decade
+    refinement still fits.
     """
     if not train_batches or not held_out:
         raise ValueError("find_lr needs at least one training batch and one held-out batch")
@@ -205,6 +220,7 @@ def find_lr(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Opti
     rng = torch.random.get_rng_state()
     was_training = model.training
     tried: dict[int, Candidate] = {}  # by quarter-decade step k from start: lr = start * 10^(k/4)
+    walk_cap = math.inf if max_candidates is None else max(2, max_candidates - 2)
 
     def lr_at(k: int) -> float:
         return float(f"{start * 10 ** (k / 4):.3g}")  # 3 significant digits: the same lattice as a grid
@@ -216,44 +232,67 @@ def find_lr(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Opti
             snapshot.restore()
         return tried[k]
 
-    def better(a: Candidate, b: Candidate) -> bool:
-        return a.held_out_loss < b.held_out_loss - tolerance * abs(b.held_out_loss)
-
     def inside(k: int) -> bool:
         return LR_BOUNDS[0] <= lr_at(k) <= LR_BOUNDS[1]
+
+    def can_walk(k: int) -> bool:
+        return inside(k) and (k in tried or len(tried) < walk_cap)
+
+    def can_refine(k: int) -> bool:
+        return inside(k) and (max_candidates is None or k in tried or len(tried) < max_candidates)
 
     try:
         start_loss = _mean_loss(model, held_out, loss_fn)
 
-        def hurts(c: Candidate) -> bool:  # the short run leaves the held-out loss clearly above no training
-            return c.held_out_loss > start_loss * (1 + HARM)
+        def hurts(k: int) -> bool:  # past the stability edge: the short run leaves the held-out loss clearly worse
+            return trial(k).held_out_loss > start_loss * (1 + EDGE)
 
-        # Up (half-decade steps) only when a larger lr does better without hurting; down otherwise, and on
-        # down while the best so far hurts (the lrs are too large), else while the loss keeps falling.
-        up = inside(2) and not hurts(trial(2)) and better(trial(2), trial(0))
-        direction, best_k = (2, 2) if up else (-2, 0)
-        cap = math.inf if max_candidates is None else max(2, max_candidates - 2)
-        while inside(best_k + direction) and len(tried) < cap:
-            nxt = best_k + direction
-            if not (better(trial(nxt), trial(best_k)) or (direction < 0 and hurts(trial(best_k)))):
-                break
-            best_k = nxt
-        for k in (best_k - 1, best_k + 1):  # the quarter-decade points either side of the best
-            if inside(k) and (max_candidates is None or len(tried) < max_candidates):
-                trial(k)
+        def learned(c: Candidate) -> bool:
+            return c.held_out_loss < start_loss * (1 - GAIN)
+
+        def lower(a: int, b: int) -> bool:
+            return trial(a).held_out_loss < trial(b).held_out_loss - tolerance * abs(trial(b).held_out_loss)
+
+        # 1. bracket the edge at half-decades: `edge` is the largest lr tried that does not hurt
+        edge = 0
+        if hurts(0):
+            while hurts(edge) and can_walk(edge - 2):
+                edge -= 2
+        else:
+            while can_walk(edge + 2) and not hurts(edge + 2):
+                edge += 2
+        top_hurts = (edge + 2) in tried and hurts(edge + 2)
+        if any(learned(c) for c in tried.values()):
+            # 2a. learning seen: downwards while the held-out loss keeps falling, then either side of the best
+            best = min((k for k in tried if not hurts(k)), key=lambda k: tried[k].held_out_loss, default=edge)
+            while can_walk(best - 2) and lower(best - 2, best):
+                best -= 2
+            for k in (best - 1, best + 1):
+                if can_refine(k):
+                    trial(k)
+            rule = LEARNING_SEEN
+        elif not hurts(edge) and top_hurts:
+            # 2b. no learning seen, an edge found: the quarter-decade point above the last lr that does not hurt
+            if can_refine(edge + 1):
+                trial(edge + 1)
+            rule = NO_LEARNING_SEEN
+        else:
+            rule = NOTHING_SEEN
     finally:
         snapshot.restore()
         torch.random.set_rng_state(rng)
         model.train(was_training)
     candidates = sorted(tried.values(), key=lambda c: c.lr)
-    finite = [c for c in candidates if not c.diverged]
-    best = min(finite, key=lambda c: c.held_out_loss) if finite else None
-    # every candidate hurt (within the bounds): the smallest lr tried does the least harm
-    chosen = best.lr if best is not None and best.held_out_loss <= start_loss * (1 + HARM) else candidates[0].lr
+    if rule == LEARNING_SEEN:
+        chosen = min((c for c in candidates if not c.diverged), key=lambda c: c.held_out_loss).lr
+    elif rule == NO_LEARNING_SEEN:
+        chosen = max(c.lr for c in candidates if c.held_out_loss <= start_loss * (1 + EDGE))
+    else:
+        chosen = lr_at(0)
     probe_batch = _batch_size(train_batches[0])
     return LrSearch(chosen=chosen, candidates=candidates, start_loss=start_loss,
                     steps_per_candidate=len(train_batches), probe_batch_size=probe_batch,
-                    held_out_batches=len(held_out), seconds=round(time.perf_counter() - t0, 3))
+                    held_out_batches=len(held_out), seconds=round(time.perf_counter() - t0, 3), rule=rule)
 
 
 def _batch_size(batch: dict) -> int | None:

@@ -10,6 +10,9 @@ import torch
 from torch import nn
 
 from gorafit.lr_finder import (
+    EDGE,
+    NO_LEARNING_SEEN,
+    NOTHING_SEEN,
     QUARTER_DECADE,
     find_lr,
     format_lr_search,
@@ -178,18 +181,39 @@ def test_when_every_lr_hurts_the_walk_goes_down_to_one_that_helps():
     assert search.chosen < 1.0 and min(c.lr for c in search.candidates) < 1.0
 
 
-def test_a_flat_curve_keeps_the_start_instead_of_walking_to_the_smallest_lr():
+def test_a_flat_curve_keeps_the_start_instead_of_walking_to_either_end():
     model = _Scalar()
     batches = [{"x": torch.ones(2)}]
     flat = lambda m, b: _scalar_loss(m, b) * 0 + 1.0 + 1e-6 * m.w.sum()  # noqa: E731  (no lr changes it)
     search = find_lr(model, lambda lr: torch.optim.SGD(model.parameters(), lr=lr), batches, batches,
-                     max_grad_norm=None, loss_fn=flat)
-    assert len(search.candidates) <= 5 and 3e-4 < search.chosen < 3e-3
+                     max_grad_norm=None, loss_fn=flat, max_candidates=7)
+    assert len(search.candidates) <= 7 and search.chosen == 1e-3 and search.rule == NOTHING_SEEN
 
 
-def test_the_walk_stops_at_its_candidate_budget():
+def test_without_learning_seen_the_search_takes_the_stability_edge():
+    """A plateau (a new head: no short run lowers the held-out loss) with harm past lr 0.05: the choice is
+    the largest quarter-decade lr whose held-out loss stays within EDGE of the start's."""
+    model = _Scalar()
+    batches = [{"x": torch.ones(2)}]
+
+    def plateau(m, b):  # one Adam step from w = 0 lands on w = lr: flat (within noise) up to 0.05, then steep
+        w = m.w.sum()
+        return 1.0 - 1e-6 * w + 100 * torch.relu(w - 0.05)
+
+    search = find_lr(model, lambda lr: torch.optim.Adam(model.parameters(), lr=lr), batches, batches,
+                     max_grad_norm=None, loss_fn=plateau, max_candidates=7)
+    assert search.rule == NO_LEARNING_SEEN
+    tried = {c.lr: c.held_out_loss for c in search.candidates}
+    assert tried[0.1] > 1 + EDGE and tried[0.0562] > 1 + EDGE and tried[0.0316] <= 1 + EDGE
+    assert search.chosen == 0.0316 and model.w.item() == 0.0
+
+
+@pytest.mark.parametrize("start", [1e-6, 1e-3, 3.0])
+def test_the_walk_stops_at_its_candidate_budget(start):
     model = _Scalar()
     batches = [{"x": torch.ones(2)}]
     search = find_lr(model, lambda lr: torch.optim.SGD(model.parameters(), lr=lr), batches, batches,
-                     max_grad_norm=None, loss_fn=_scalar_loss, start=1e-6, max_candidates=5)
-    assert len(search.candidates) == 5  # the loss keeps falling up to lr 0.5: only the budget stops the walk
+                     max_grad_norm=None, loss_fn=_scalar_loss, start=start, max_candidates=5)
+    assert len(search.candidates) <= 5
+    if start == 1e-6:  # the loss falls by under 1% up to the walk's cap (3 half-decades): nothing seen, start kept
+        assert len(search.candidates) == 3 and search.rule == NOTHING_SEEN and search.chosen == start
