@@ -16,7 +16,7 @@ from pathlib import Path
 
 from benchmarks.common import stamp
 from benchmarks.quality import harness, workloads
-from benchmarks.quality.grid import Mode, RunSpec, curvature_specs, in_shard, planned
+from benchmarks.quality.grid import Mode, RunSpec, curvature_specs, in_shard, planned, serving_planned
 from goraplan.files import write_json_atomic
 
 
@@ -61,10 +61,14 @@ def todo(mode: Mode, shard: tuple[int, int] = (0, 1), parts: set[str] = frozense
          max_seeds: int | None = None, workloads: set[str] | None = None) -> list[tuple[str, RunSpec]]:
     """The planned runs of this shard that have no run file and no recorded failure, in run order."""
     have = {r["run_id"] for r in done_records(mode)}
-    failures = _failures(mode.results)
-    return [(part, s) for part, s in planned(mode)
-            if part in parts and s.run_id not in have and s.run_id not in failures and in_shard(s.run_id, shard)
-            and (max_seeds is None or s.seed < max_seeds) and (workloads is None or s.workload in workloads)]
+    skip = have | _failures(mode.results)
+    out = []
+    for part, s in planned(mode) + serving_planned(mode):
+        if (part in parts and s.run_id not in skip and in_shard(s.run_id, shard)
+                and (max_seeds is None or s.seed < max_seeds) and (workloads is None or s.workload in workloads)):
+            out.append((part, s))
+            skip.add(s.run_id)  # a serving arm that is also a grid cell runs once
+    return out
 
 
 def run_grid(mode: Mode, command: list[str], *, max_minutes: float | None = None, shard: tuple[int, int] = (0, 1),

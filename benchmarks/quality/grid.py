@@ -54,6 +54,7 @@ class RunSpec:
     gamma: float | str = 0.05  # GoRA's step size
     n_calib: int = 64  # N: calibration batches (GoRA, LoRA-GA)
     b_lr_max: float | None = None  # gorafit's --lr-b-max: lora_B's lr capped (not below lr); None: no cap
+    compress_to: int | None = None  # after training, lower every rank above it by truncated SVD (gorafit export --max-rank)
 
     @property
     def label(self) -> str:
@@ -70,6 +71,8 @@ class RunSpec:
             parts.append(f"n{self.n_calib}")
         if self.b_lr_max is not None:
             parts.append(f"bmax{self.b_lr_max:g}")
+        if self.compress_to is not None:
+            parts.append(f"c{self.compress_to}")
         return "-".join(parts)
 
     @property
@@ -119,6 +122,24 @@ def methods(workload: str, n_calib: int) -> list[Method]:
     return [Method(key or spec.label, name, spec, lrs) for key, name, spec, lrs in out]
 
 
+def serving_arms(workload: str, n_calib: int) -> list[Method]:
+    """The serving-cost question's arms (what vLLM pads an adapter to is its largest rank): LoRA r=8 and GoRA with
+    gorafit's defaults at r_max 32, 16 and 8, and r_max 32 compressed to 16 at export. Each gets the three lattice
+    points around where its family trained best in the main grid (seed 0); GoRA's variants share one window."""
+    cap = _gorafit_b_lr_max()
+
+    def gora(**kw) -> RunSpec:
+        return RunSpec(workload, "gora", 0.0, 0, n_calib=n_calib, b_lr_max=cap, **kw)
+
+    gora_lrs, lora_lrs = lattice(-15, 3), lattice(-12, 3)  # 1.78e-4 .. 5.62e-4; 1e-3 .. 3.16e-3
+    arms = [("LoRA r=8 (serves at 8)", RunSpec(workload, "lora", 0.0, 0, n_calib=n_calib), lora_lrs),
+            ("GoRA r_max 32 (serves at 32)", gora(), gora_lrs),
+            ("GoRA r_max 16 (serves at 16)", gora(max_rank=16), gora_lrs),
+            ("GoRA r_max 8 (serves at 8)", gora(max_rank=8), gora_lrs),
+            ("GoRA r_max 32, compressed to 16 at export (serves at 16)", gora(compress_to=16), gora_lrs)]
+    return [Method(spec.label, name, spec, lrs) for name, spec, lrs in arms]
+
+
 GORA_KEYS = ("gora",)  # labels starting with these are GoRA variants in the report
 
 
@@ -138,6 +159,9 @@ class Mode:
     builders: dict | None = None  # workload name -> builder (tests swap in a tiny one)
     # measure lambda_max per method and seed on these workloads (the "does best lr follow curvature" part)
     curvature: tuple[str, ...] = ("nlu", "nlg")
+    # the serving-cost arms (`serving_arms`): NLU at each arm's lrs x nlu_seeds, NLG with --lr auto x nlg_seeds
+    serving_nlu: list[Method] = field(default_factory=list)
+    serving_nlg: list[Method] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
 
@@ -163,6 +187,7 @@ MODES = {
     "full": Mode(
         name="full", results=RESULTS, nlu=NLU_SIZES, nlg=NLG_SIZES, nlu_seeds=[0, 1, 2], nlg_seeds=[0, 1],
         nlu_methods=methods("nlu", 64), nlg_methods=methods("nlg", 64),
+        serving_nlu=serving_arms("nlu", 64), serving_nlg=serving_arms("nlg", 64),
     ),
     "quick": Mode(
         name="quick", results=RESULTS / "quick",
@@ -195,6 +220,19 @@ def planned(mode: Mode) -> list[tuple[str, RunSpec]]:
         nlg = rounds_of(mode, "nlg", mode.nlg_seeds[i]) if i < len(mode.nlg_seeds) else []
         for k in range(max(len(nlu), len(nlg))):
             out += (nlu[k] if k < len(nlu) else []) + (nlg[k] if k < len(nlg) else [])
+    return out
+
+
+def serving_planned(mode: Mode) -> list[tuple[str, RunSpec]]:
+    """The serving-cost arms' runs, seed by seed: NLU at each arm's lrs, NLG with ``--lr auto`` (its range test
+    chooses sensibly there). A run that is also a main-grid cell has the same id, so it runs once."""
+    out = []
+    for i in range(max(len(mode.nlu_seeds), len(mode.nlg_seeds))):
+        if i < len(mode.nlu_seeds):
+            out += [("serving", replace(m.template, lr=lr, seed=mode.nlu_seeds[i]))
+                    for k in range(3) for m in mode.serving_nlu for lr in _middle(m.lrs, None)[k:k + 1]]
+        if i < len(mode.nlg_seeds):
+            out += [("serving", replace(m.template, lr=AUTO, seed=mode.nlg_seeds[i])) for m in mode.serving_nlg]
     return out
 
 

@@ -323,6 +323,11 @@ def train_and_evaluate(wl: Workload, spec: RunSpec, *, log_every: int = 1) -> di
     with torch.no_grad():
         metrics = wl.evaluate(model)
     eval_s = time.perf_counter() - t_eval
+    compression = None
+    if spec.compress_to is not None:  # the served adapter: the trained one lowered to compress_to at export
+        compressed, compression = compressed_at_export(model, wl, spec.seed, spec.compress_to)
+        with torch.no_grad():
+            compression["uncompressed"], metrics = metrics, wl.evaluate(compressed)
     return {
         "run_id": spec.run_id,
         "spec": asdict(spec),
@@ -350,7 +355,26 @@ def train_and_evaluate(wl: Workload, spec: RunSpec, *, log_every: int = 1) -> di
         "loss_finite": all(math.isfinite(x) for x in losses),
         "adapter_delta_ratio": adapter_delta_norm(model),
         "method_info": setup.info,
+        "compression": compression,
     }
+
+
+def compressed_at_export(model: nn.Module, wl: Workload, seed: int, rank: int) -> tuple[nn.Module, dict]:
+    """The trained adapter as ``gorafit export --format peft --max-rank rank`` writes it, loaded by PEFT onto a
+    fresh copy of the base model, and the export's report of what the truncated SVD kept."""
+    import tempfile
+
+    from peft import PeftModel
+
+    from gorafit.export import export_peft
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(f"{tmp}/trained")
+        result = export_peft(f"{tmp}/trained", f"{tmp}/served", max_rank=rank)
+        base, _ = wl.load_model(seed)
+        served = PeftModel.from_pretrained(base, f"{tmp}/served", is_trainable=False).eval()
+    report = result.compression.to_dict() if result.compression is not None else {"compressed": []}
+    return served, {"max_rank": rank, "served_max_rank": max(result.ranks.values()), "report": report}
 
 
 # ---------------------------------------------------------------------------------------------------- curvature

@@ -12,7 +12,19 @@ import statistics
 from pathlib import Path
 
 from benchmarks.quality.executor import done_records, todo, workload_config
-from benchmarks.quality.grid import AUTO, LORA_ALPHA, LORA_RANK, MODES, Method, Mode, is_gora, planned
+from benchmarks.quality.grid import (
+    AUTO,
+    LORA_ALPHA,
+    LORA_RANK,
+    MODES,
+    ROOT,
+    Method,
+    Mode,
+    is_gora,
+    nearly,
+    planned,
+    serving_planned,
+)
 from benchmarks.quality.harness import AUTO_SHARE, COLLAPSE_SHARE, MAX_GRAD_NORM, WARMUP_RATIO, WEIGHT_DECAY
 from benchmarks.quality.stats import Cells, margin, mean_std, spearman
 from goraplan.files import write_text_atomic
@@ -211,6 +223,61 @@ def plot(cells: Cells, methods: list[Method], key: str, ylabel: str, path: Path)
     return path
 
 
+# ---------------------------------------------------------------------------------------------------- serving
+SERVE_RESULTS = ROOT / "benchmarks" / "results" / "serve.json"
+
+
+def _serve_rank(m: Method) -> int:
+    t = m.template
+    return t.compress_to or (t.max_rank if t.method == "gora" else LORA_RANK)
+
+
+def _serving_cost(m: Method, serve: dict | None) -> list[str]:
+    """vs-floor throughput of the serve benchmark's adapter with the same `--max-lora-rank` (what vLLM pads to)."""
+    if serve is None:
+        return ["-", "-", "-"]
+    name = "LoRA r=8" if m.template.method == "lora" else f"GoRA r_max {_serve_rank(m)}"
+    rows = {r["setup"]: r for r in serve["results"] if r["adapter"] == name}
+    return [f"{rows[k]['vs_floor']:.2f}" if k in rows else "-" for k in ("1x-default", "1x-limited", "4x-limited")]
+
+
+def serving_section(mode: Mode, records: list[dict]) -> str:
+    """Quality against serving cost: each serving arm's NLU accuracy at its best lr (of its window, mean over the
+    seeds done), its NLG scores with --lr auto, and the serve benchmark's throughput at its `--max-lora-rank`."""
+    serve = json.loads(SERVE_RESULTS.read_text()) if SERVE_RESULTS.is_file() else None
+    have = {r["run_id"] for r in records}
+    runs = serving_planned(mode)
+    nlu, nlg = (Cells([r for r in records if r["workload"] == w]) for w in ("nlu", "nlg"))
+    rows = []
+    for m, g in zip(mode.serving_nlu, mode.serving_nlg, strict=True):
+        options = [(lr, mean_std(nlu.values(m.key, lr))[0]) for lr in m.lrs if nlu.values(m.key, lr)]
+        best = max(options, key=lambda o: (round(o[1], 6), -o[0]))[0] if options else None
+        best_v = nlu.values(m.key, best) if best is not None else []
+        edge = " (edge)" if best is not None and (nearly(best, m.lrs[0]) or nearly(best, m.lrs[-1])) else ""
+        kept = [r["compression"]["report"]["norm_kept_total"] for r in nlu.records(m.key, best)
+                if r.get("compression")] if best is not None else []
+        before = [r["compression"]["uncompressed"]["accuracy"] for r in nlu.records(m.key, best)
+                  if r.get("compression")] if best is not None else []
+        auto = nlg.records(g.key, AUTO)
+        done = sum(s.run_id in have for _, s in runs if s.label == m.key)
+        total = sum(1 for _, s in runs if s.label == m.key)
+        rows.append([m.name, _serve_rank(m), *_serving_cost(m, serve), f"{best:.3g}{edge}" if best else "-",
+                     _ms(best_v), _ms(before) if before else "", f"{100 * statistics.fmean(kept):.2f}" if kept else "",
+                     _ms([r["accuracy"] for r in auto]), _ms([r["eval_loss"] for r in auto], 1, 4),
+                     f"{done} of {total}"])
+    source = (f"`{serve['stamp']['command']}` ({serve['stamp']['date'][:10]}, vLLM {serve['results'][0]['vllm_version']} "
+              f"on CPU)" if serve else "not measured")
+    return ("tokens/s vs the merged model (the floor), from the serve benchmark " + source + ": an adapter's "
+            "serving cost is set by the `--max-lora-rank` it needs, so the compressed arm costs what GoRA r_max 16 "
+            "costs. 'limited': vLLM's LoRA wrappers limited to the adapter's modules (`--lora-target-modules`, what "
+            "`gorafit export` prints). NLU: accuracy % at the best of the arm's lrs (mean ± std over seeds); the "
+            "compressed arm also shows the same adapter before compression and the share of the update's norm "
+            "the truncated SVD kept. NLG: `--lr auto`.\n\n"
+            + _table(["arm", "--max-lora-rank", "tokens/s vs floor, 1 adapter", "1 adapter, limited",
+                      "4 adapters, limited", "NLU best lr", "NLU accuracy %", "before compression",
+                      "norm kept %", "NLG exact match % (auto)", "NLG completion loss (auto)", "runs done"], rows))
+
+
 # ---------------------------------------------------------------------------------------------------- sizing
 PROXY = {"rslora": "lora", "loraplus": "lora", "pissa": "lora", "loraga": "lora"}  # same step cost, other init
 
@@ -327,6 +394,9 @@ def write_report(mode: Mode, stamp: dict) -> Path:
                 "batches of 8 (`gorafit.lr_finder.hessian_top_eigenvalue`). If the best lr followed 1/lambda_max, "
                 "'best lr x lambda_max' would be about constant across methods.", "",
                 curvature_table(mode, wl, cells, methods), ""]
+    if mode.serving_nlu:
+        out += ["## Quality vs serving cost (GoRA's largest rank, compression at export, LoRA r=8)", "",
+                serving_section(mode, records), ""]
     reference = done_records(MODES["quick"]) if mode.name != "quick" else records
     out += ["## Sizing: what the rest of the grid costs", "", sizing(mode, records, reference), "",
             "To continue (resumable: done runs are skipped; two one-thread workers share the grid by a hash of "

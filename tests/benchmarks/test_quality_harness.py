@@ -120,3 +120,35 @@ def test_arithmetic_test_problems_stay_out_of_training():
         a, op, b = p["prompt"].removeprefix("Q: What is ").removesuffix("?\nA:").split()
         assert p["answer"] == {"plus": int(a) + int(b), "minus": int(a) - int(b), "times": int(a) * int(b)}[op]
         assert p["completion"] == f" {p['answer']}"
+
+
+def test_a_compressed_arm_scores_the_adapter_that_export_writes(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "PLAN_CACHE", tmp_path / "plans")
+    spec = RunSpec("nlu", "gora", 1e-2, 0, n_calib=2, compress_to=4)
+    assert spec.run_id == "nlu-gora-x16-n2-c4-lr0.01-s0"
+    compressed = train_and_evaluate(tiny, spec)
+    plain = train_and_evaluate(tiny, replace(spec, compress_to=None))
+    info = compressed["compression"]
+    assert info["uncompressed"]["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-5)  # the same training
+    assert info["served_max_rank"] == 4 and 0 < info["report"]["norm_kept_total"] < 1
+    assert compressed["eval_loss"] != pytest.approx(plain["eval_loss"], rel=1e-6)  # the served adapter is another
+    # compressing to the adapter's own largest rank changes nothing: PEFT loads the export to the same scores
+    top = plain["method_info"]["rank_max"]
+    same = train_and_evaluate(tiny, replace(spec, compress_to=top))
+    assert same["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-5)
+    assert same["compression"]["served_max_rank"] == top
+
+
+def test_the_serving_arms_share_runs_with_the_grid():
+    from benchmarks.quality.executor import todo
+    from benchmarks.quality.grid import serving_planned
+
+    mode = MODES["full"]
+    runs = serving_planned(mode)
+    labels = {s.label for _, s in runs}
+    assert labels == {"lora", "gora-x16-bmax0.003", "gora-x16-r4-16-bmax0.003", "gora-x16-r4-8-bmax0.003",
+                      "gora-x16-bmax0.003-c16"}
+    assert len([s for _, s in runs if s.workload == "nlu"]) == 5 * 3 * len(mode.nlu_seeds)
+    assert {s.lr for _, s in runs if s.workload == "nlg"} == {AUTO}
+    ids = [s.run_id for _, s in todo(mode, parts={"auto", "grid", "serving"})]
+    assert len(ids) == len(set(ids))  # a serving run that is also a grid cell is listed once
