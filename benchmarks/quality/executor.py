@@ -16,7 +16,7 @@ from pathlib import Path
 
 from benchmarks.common import stamp
 from benchmarks.quality import harness, workloads
-from benchmarks.quality.grid import Mode, RunSpec, curvature_specs, in_shard, planned, serving_planned
+from benchmarks.quality.grid import Mode, RunSpec, curvature_specs, in_shard, lr_key, planned, serving_planned
 from goraplan.files import write_json_atomic
 
 
@@ -63,12 +63,27 @@ def todo(mode: Mode, shard: tuple[int, int] = (0, 1), parts: set[str] = frozense
     have = {r["run_id"] for r in done_records(mode)}
     skip = have | _failures(mode.results)
     out = []
-    for part, s in planned(mode) + serving_planned(mode):
+    for part, s in planned(mode) + serving_planned(mode, serving_first_seed_best(mode, done_records(mode))):
         if (part in parts and s.run_id not in skip and in_shard(s.run_id, shard)
                 and (max_seeds is None or s.seed < max_seeds) and (workloads is None or s.workload in workloads)):
             out.append((part, s))
             skip.add(s.run_id)  # a serving arm that is also a grid cell runs once
     return out
+
+
+def serving_first_seed_best(mode: Mode, records: list[dict]) -> dict[str, float]:
+    """Each NLU serving arm's best lr on the first seed, once every lr of its window has run there."""
+    if not mode.nlu_seeds:
+        return {}
+    seed = mode.nlu_seeds[0]
+    score = {(r["label"], lr_key(r["spec"]["lr"])): r["accuracy"] for r in records
+             if r["workload"] == "nlu" and r["spec"]["seed"] == seed}
+    best = {}
+    for m in mode.serving_nlu:
+        values = [(score.get((m.key, lr_key(lr))), lr) for lr in m.lrs]
+        if all(v is not None for v, _ in values):
+            best[m.key] = max(values, key=lambda x: (x[0], -x[1]))[1]  # the lower lr on a tie
+    return best
 
 
 def run_grid(mode: Mode, command: list[str], *, max_minutes: float | None = None, shard: tuple[int, int] = (0, 1),

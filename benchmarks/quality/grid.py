@@ -223,14 +223,18 @@ def planned(mode: Mode) -> list[tuple[str, RunSpec]]:
     return out
 
 
-def serving_planned(mode: Mode) -> list[tuple[str, RunSpec]]:
-    """The serving-cost arms' runs, seed by seed: NLU at each arm's lrs, NLG with ``--lr auto`` (its range test
-    chooses sensibly there). A run that is also a main-grid cell has the same id, so it runs once."""
+def serving_planned(mode: Mode, first_seed_best: dict[str, float] | None = None) -> list[tuple[str, RunSpec]]:
+    """The serving-cost arms' runs. NLU: each arm at every lr of its window on the first seed, then on the other
+    seeds at the lr that did best on the first (`first_seed_best`, label -> lr; the window's middle until the
+    first seed is done). NLG: ``--lr auto`` on every seed (its range test sees learning there). A run that is
+    also a main-grid cell has the same id, so it runs once."""
+    first_seed_best = first_seed_best or {}
     out = []
     for i in range(max(len(mode.nlu_seeds), len(mode.nlg_seeds))):
         if i < len(mode.nlu_seeds):
-            out += [("serving", replace(m.template, lr=lr, seed=mode.nlu_seeds[i]))
-                    for k in range(3) for m in mode.serving_nlu for lr in _middle(m.lrs, None)[k:k + 1]]
+            for m in mode.serving_nlu:
+                lrs = m.lrs if i == 0 else [first_seed_best.get(m.key, _middle(m.lrs, 1)[0])]
+                out += [("serving", replace(m.template, lr=lr, seed=mode.nlu_seeds[i])) for lr in _middle(lrs, None)]
         if i < len(mode.nlg_seeds):
             out += [("serving", replace(m.template, lr=AUTO, seed=mode.nlg_seeds[i])) for m in mode.serving_nlg]
     return out

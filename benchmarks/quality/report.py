@@ -11,7 +11,7 @@ import math
 import statistics
 from pathlib import Path
 
-from benchmarks.quality.executor import done_records, todo, workload_config
+from benchmarks.quality.executor import done_records, serving_first_seed_best, todo, workload_config
 from benchmarks.quality.grid import (
     AUTO,
     LORA_ALPHA,
@@ -27,6 +27,7 @@ from benchmarks.quality.grid import (
 )
 from benchmarks.quality.harness import AUTO_SHARE, COLLAPSE_SHARE, MAX_GRAD_NORM, WARMUP_RATIO, WEIGHT_DECAY
 from benchmarks.quality.stats import Cells, margin, mean_std, spearman
+from gorafit.lr_finder import EDGE, GAIN
 from goraplan.files import write_text_atomic
 
 WORKLOADS = {"nlu": "NLU: MiniLM-L6 on sarcasm headlines (accuracy)",
@@ -246,12 +247,12 @@ def serving_section(mode: Mode, records: list[dict]) -> str:
     seeds done), its NLG scores with --lr auto, and the serve benchmark's throughput at its `--max-lora-rank`."""
     serve = json.loads(SERVE_RESULTS.read_text()) if SERVE_RESULTS.is_file() else None
     have = {r["run_id"] for r in records}
-    runs = serving_planned(mode)
+    first_best = serving_first_seed_best(mode, records)
+    runs = serving_planned(mode, first_best)
     nlu, nlg = (Cells([r for r in records if r["workload"] == w]) for w in ("nlu", "nlg"))
     rows = []
     for m, g in zip(mode.serving_nlu, mode.serving_nlg, strict=True):
-        options = [(lr, mean_std(nlu.values(m.key, lr))[0]) for lr in m.lrs if nlu.values(m.key, lr)]
-        best = max(options, key=lambda o: (round(o[1], 6), -o[0]))[0] if options else None
+        best = first_best.get(m.key)  # chosen on the first seed; the other seeds run there
         best_v = nlu.values(m.key, best) if best is not None else []
         edge = " (edge)" if best is not None and (nearly(best, m.lrs[0]) or nearly(best, m.lrs[-1])) else ""
         kept = [r["compression"]["report"]["norm_kept_total"] for r in nlu.records(m.key, best)
@@ -364,9 +365,12 @@ def write_report(mode: Mode, stamp: dict) -> Path:
         f"- **`--lr auto`** (`gorafit.lr_finder.find_lr`): a range test on training batches only (the end of the "
         f"seed's order): from the method's initial weights, a few short steps at each candidate lr with a fresh "
         f"AdamW over the method's own groups, scored by the loss on one held-out training batch, weights put back "
-        f"between candidates; candidates walk the same quarter-decade lattice from 1e-3; the lowest held-out loss "
-        f"wins. Its steps are sized to cost at most {AUTO_SHARE:.0%} of the run (counted in example passes); the "
-        f"seconds it took are measured below.",
+        f"between candidates. Candidates walk the quarter-decade lattice from 1e-3 in half-decade steps to bracket "
+        f"the stability edge (the largest lr whose held-out loss stays within {EDGE:.0%} of the start's). If some "
+        f"candidate lowers the held-out loss by {GAIN:.0%} or more (learning seen), the lowest held-out loss wins; "
+        f"if none does (a new head's plateau), the edge wins. Each run file keeps the rule used. Its steps are "
+        f"sized to cost at most {AUTO_SHARE:.0%} of the run (counted in example passes); the seconds it took are "
+        f"measured below.",
         f"- **Collapse**: a run that predicts one class (NLU) or one answer string (NLG) for at least "
         f"{COLLAPSE_SHARE:.0%} of the test set.",
         "- Costs are CPU seconds of the run's one thread (`time.process_time`): on a machine shared with other "

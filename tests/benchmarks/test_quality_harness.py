@@ -148,7 +148,9 @@ def test_the_serving_arms_share_runs_with_the_grid():
     labels = {s.label for _, s in runs}
     assert labels == {"lora", "gora-x16-bmax0.003", "gora-x16-r4-16-bmax0.003", "gora-x16-r4-8-bmax0.003",
                       "gora-x16-bmax0.003-c16"}
-    assert len([s for _, s in runs if s.workload == "nlu"]) == 5 * 3 * len(mode.nlu_seeds)
+    assert len([s for _, s in runs if s.workload == "nlu"]) == 5 * (3 + len(mode.nlu_seeds) - 1)
+    later = serving_planned(mode, {"lora": 3.16e-3})  # the first seed's best lr carries to the other seeds
+    assert {s.lr for _, s in later if s.label == "lora" and s.seed > 0 and s.workload == "nlu"} == {3.16e-3}
     assert {s.lr for _, s in runs if s.workload == "nlg"} == {AUTO}
     ids = [s.run_id for _, s in todo(mode, parts={"auto", "grid", "serving"})]
     assert len(ids) == len(set(ids))  # a serving run that is also a grid cell is listed once
