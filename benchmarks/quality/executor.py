@@ -8,6 +8,7 @@ that raises is recorded in ``failures.jsonl`` and skipped until ``--retry-failed
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import time
 import traceback
@@ -58,14 +59,17 @@ class Workloads:
 
 
 def todo(mode: Mode, shard: tuple[int, int] = (0, 1), parts: set[str] = frozenset({"auto", "grid"}),
-         max_seeds: int | None = None, workloads: set[str] | None = None) -> list[tuple[str, RunSpec]]:
-    """The planned runs of this shard that have no run file and no recorded failure, in run order."""
+         max_seeds: int | None = None, workloads: set[str] | None = None,
+         only: list[str] | None = None) -> list[tuple[str, RunSpec]]:
+    """The planned runs of this shard that have no run file and no recorded failure, in run order; `only`:
+    run-id patterns (fnmatch) to keep."""
     have = {r["run_id"] for r in done_records(mode)}
     skip = have | _failures(mode.results)
     out = []
     for part, s in planned(mode) + serving_planned(mode, serving_first_seed_best(mode, done_records(mode))):
         if (part in parts and s.run_id not in skip and in_shard(s.run_id, shard)
-                and (max_seeds is None or s.seed < max_seeds) and (workloads is None or s.workload in workloads)):
+                and (max_seeds is None or s.seed < max_seeds) and (workloads is None or s.workload in workloads)
+                and (only is None or any(fnmatch.fnmatchcase(s.run_id, p) for p in only))):
             out.append((part, s))
             skip.add(s.run_id)  # a serving arm that is also a grid cell runs once
     return out
@@ -88,7 +92,7 @@ def serving_first_seed_best(mode: Mode, records: list[dict]) -> dict[str, float]
 
 def run_grid(mode: Mode, command: list[str], *, max_minutes: float | None = None, shard: tuple[int, int] = (0, 1),
              parts: set[str] = frozenset({"auto", "grid", "curvature"}), threads: int = 1,
-             max_seeds: int | None = None, workloads: set[str] | None = None,
+             max_seeds: int | None = None, workloads: set[str] | None = None, only: list[str] | None = None,
              say: Callable[[str], None] = print) -> dict:
     """Run every missing run of this shard; return counts."""
     import torch
@@ -104,7 +108,7 @@ def run_grid(mode: Mode, command: list[str], *, max_minutes: float | None = None
         return max_minutes is not None and time.time() - started > 60 * max_minutes
 
     while True:
-        left = todo(mode, shard, parts, max_seeds, workloads)
+        left = todo(mode, shard, parts, max_seeds, workloads, only)
         if not left or out_of_time():
             if left:
                 say(f"[quality] --max-minutes {max_minutes:g} reached; {len(left)} runs left for a rerun")
@@ -130,7 +134,8 @@ def run_grid(mode: Mode, command: list[str], *, max_minutes: float | None = None
         for spec in curvature_specs(mode):
             path = curvature_path(mode, spec)
             if (path.is_file() or not in_shard(path.stem, shard) or (max_seeds is not None and spec.seed >= max_seeds)
-                    or (workloads is not None and spec.workload not in workloads)):
+                    or (workloads is not None and spec.workload not in workloads)
+                    or (only is not None and not any(fnmatch.fnmatchcase(path.stem, p) for p in only))):
                 continue
             if out_of_time():
                 break

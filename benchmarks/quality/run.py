@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-seeds", type=int, default=None,
                         help="run only seeds 0 .. N-1 now (the rest stays planned for a rerun)")
     parser.add_argument("--workloads", default="nlu,nlg", help="comma list of nlu, nlg: run only these now")
+    parser.add_argument("--only", default=None,
+                        help="comma list of run-id patterns (fnmatch, e.g. 'nlu-*-lrauto-s1'): run only these now")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--shard", type=parse_shard, default=(0, 1),
                         help="I/N: run only this worker's share of the grid (start N workers, one per core)")
@@ -62,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.report_only:
         run_grid(mode, command, max_minutes=args.max_minutes, shard=args.shard, parts=set(args.parts.split(",")),
                  threads=args.threads, max_seeds=args.max_seeds, workloads=set(args.workloads.split(",")),
+                 only=args.only.split(",") if args.only else None,
                  say=lambda m: print(m, flush=True))
     path = write_report(mode, stamp(command))
     print(f"[quality] report: {path}", flush=True)
