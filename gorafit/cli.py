@@ -88,7 +88,21 @@ def run_cmd(plan_path: str, config_file: str | None, **given) -> None:
         if search:
             click.echo(f"lr auto: {search['chosen']:.3g} from {search['candidates']} candidates in "
                        f"{search['seconds']:.1f} s (gorafit inspect {result.output_dir})")
+            if search.get("learning_seen") is False:
+                click.echo(auto_fallback_warning(search["chosen"], search.get("edge")), err=True)
         click.echo(f"adapter: {result.adapter_dir}")
+
+
+def auto_fallback_warning(chosen: float, edge: float | None) -> str:
+    """What --lr auto says when its probe saw no learning and it kept the default lr.
+
+    >>> auto_fallback_warning(1e-4, 0.00178).split(";")[0]
+    'Warning: --lr auto saw no learning within its budget (no candidate lowered the held-out training loss enough), so it trained at the default lr 0.0001'
+    """
+    where = f"; harm began above {edge:.3g}" if edge else ""
+    return (f"Warning: --lr auto saw no learning within its budget (no candidate lowered the held-out training loss "
+            f"enough), so it trained at the default lr {chosen:.3g}{where}. Expected with a new classification head "
+            f"or a short run: give --lr a number (or try a few) if the result disappoints.")
 
 
 def _summary(m: dict) -> list[str]:

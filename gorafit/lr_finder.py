@@ -15,10 +15,12 @@ Two measurements, both on training batches only (never an evaluation or test set
   - *learning seen*: some candidate lowers the held-out loss by at least `GAIN`. The walk goes on
     downwards while the loss keeps falling, tries the quarter-decade points either side of the best,
     and chooses the lowest held-out loss.
-  - *no learning seen*: no candidate lowers it (a short probe on a new classification head sees only a
-    plateau: the real run needs more steps than the probe's whole budget before its loss moves). It
-    then chooses the edge, refined to a quarter-decade: the largest lr that does not hurt. In the
-    quality benchmark the best lr of every method sat at or next to that edge (docs/method.md §10).
+  - *no learning seen*: no candidate lowers it. A short probe on a new classification head sees only a
+    plateau: the real run needs more steps than the probe's whole budget before its loss moves. Then the
+    data cannot choose, and the search says so and keeps `fallback` (gorafit's default lr). The edge,
+    refined to a quarter-decade, is recorded as evidence (``extra["edge"]``): on one seed of the quality
+    benchmark it sat at or next to every method's best lr but one, on another seed 2-3 quarter-decades
+    above it, so it is not safe to train at (docs/method.md §10).
 
   Everything is kept (`LrSearch`): every candidate, its score, the rule, the chosen value, the seconds
   it took, and a picture (`plot_lr_search`).
@@ -40,6 +42,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from gorafit.optim import LR_DEFAULT
 from goraplan.errors import GoraError
 
 __all__ = [
@@ -57,15 +60,16 @@ __all__ = [
 ]
 
 QUARTER_DECADE = 10 ** 0.25  # the lattice the walk moves on (half-decade steps, then the quarter between)
-GAIN = 0.01  # a held-out loss this much (relative) below the start's: the probe saw learning, not noise
+GAIN = 0.05  # a held-out loss this much (relative) below the start's: the probe saw learning, not noise
+DEFAULT_LR = LR_DEFAULT  # what --lr auto keeps when its probe sees no learning (gorafit's default --lr)
 EDGE = 0.03  # a held-out loss this much (relative) above the start's: the lr hurts (the stability edge)
 LR_BOUNDS = (1e-7, 1.0 + 1e-9)  # the walk never leaves these (1.0 itself included)
 
 
 LEARNING_SEEN = "learning seen: the lowest held-out training loss after the short run"
-NO_LEARNING_SEEN = (f"no learning seen (no candidate lowered the held-out loss by {GAIN:.0%}): the largest lr whose "
-                    f"held-out loss stays within {EDGE:.0%} of the start")
-NOTHING_SEEN = "no learning and no harm seen at any lr tried: kept the start value"
+NO_LEARNING_SEEN = (f"no learning seen (no candidate lowered the held-out loss by {GAIN:.0%}): kept the default lr; "
+                    f"the stability edge (the largest lr whose held-out loss stays within {EDGE:.0%} of the start) "
+                    f"is in extra['edge']")
 
 
 @dataclass(frozen=True)
@@ -202,8 +206,10 @@ class _Snapshot:
 def find_lr(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Optimizer],
             train_batches: Sequence[dict], held_out: Sequence[dict], *, start: float = 1e-3,
             max_grad_norm: float | None = 1.0, tolerance: float = 1e-4, max_candidates: int | None = None,
-            loss_fn: Callable[[nn.Module, dict], torch.Tensor] = _default_loss) -> LrSearch:
-    """The range test: see the module's docstring for the two rules.
+            loss_fn: Callable[[nn.Module, dict], torch.Tensor] = _default_loss,
+            fallback: float = DEFAULT_LR) -> LrSearch:
+    """The range test: see the module's docstring for the two rules (`fallback`: the lr kept when no learning
+    is seen).
 
     `make_optimizer(lr)` builds the optimizer the real run would build at base lr `lr` (its groups keep
     their multipliers). Candidates lie on the quarter-decade lattice through `start`; `tolerance` is
@@ -263,7 +269,7 @@ def find_lr(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Opti
                 edge += 2
         top_hurts = (edge + 2) in tried and hurts(edge + 2)
         if any(learned(c) for c in tried.values()):
-            # 2a. learning seen: downwards while the held-out loss keeps falling, then either side of the best
+            # learning seen: downwards while the held-out loss keeps falling, then either side of the best
             best = min((k for k in tried if not hurts(k)), key=lambda k: tried[k].held_out_loss, default=edge)
             while can_walk(best - 2) and lower(best - 2, best):
                 best -= 2
@@ -271,28 +277,29 @@ def find_lr(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Opti
                 if can_refine(k):
                     trial(k)
             rule = LEARNING_SEEN
-        elif not hurts(edge) and top_hurts:
-            # 2b. no learning seen, an edge found: the quarter-decade point above the last lr that does not hurt
-            if can_refine(edge + 1):
+        else:
+            # no learning seen: refine the edge for the record (the quarter-decade above the last lr that does
+            # not hurt), and keep the fallback
+            if not hurts(edge) and top_hurts and can_refine(edge + 1):
                 trial(edge + 1)
             rule = NO_LEARNING_SEEN
-        else:
-            rule = NOTHING_SEEN
     finally:
         snapshot.restore()
         torch.random.set_rng_state(rng)
         model.train(was_training)
     candidates = sorted(tried.values(), key=lambda c: c.lr)
+    safe = [c.lr for c in candidates if c.held_out_loss <= start_loss * (1 + EDGE)]
+    found_edge = max(safe) if safe and any(c.lr > max(safe) and not c.held_out_loss <= start_loss * (1 + EDGE)
+                                           for c in candidates) else None
     if rule == LEARNING_SEEN:
         chosen = min((c for c in candidates if not c.diverged), key=lambda c: c.held_out_loss).lr
-    elif rule == NO_LEARNING_SEEN:
-        chosen = max(c.lr for c in candidates if c.held_out_loss <= start_loss * (1 + EDGE))
     else:
-        chosen = lr_at(0)
+        chosen = fallback
     probe_batch = _batch_size(train_batches[0])
     return LrSearch(chosen=chosen, candidates=candidates, start_loss=start_loss,
                     steps_per_candidate=len(train_batches), probe_batch_size=probe_batch,
-                    held_out_batches=len(held_out), seconds=round(time.perf_counter() - t0, 3), rule=rule)
+                    held_out_batches=len(held_out), seconds=round(time.perf_counter() - t0, 3), rule=rule,
+                    extra={"edge": found_edge, "gain_needed": GAIN, "edge_tolerance": EDGE})
 
 
 def _batch_size(batch: dict) -> int | None:
@@ -305,7 +312,7 @@ def _batch_size(batch: dict) -> int | None:
 def search_training_data(model: nn.Module, rows: Sequence[dict], collate: Callable[[list[dict]], dict],
                          make_optimizer: Callable[[float], torch.optim.Optimizer], *, batch_size: int,
                          train_steps: int, seed: int, max_grad_norm: float | None = 1.0,
-                         share: float = 0.10, candidates: int = 7) -> LrSearch:
+                         share: float = 0.10, candidates: int = 7, fallback: float = DEFAULT_LR) -> LrSearch:
     """`find_lr` as ``gorafit run --lr auto`` runs it: on `rows` of the training set only (`probe_batches`),
     moved to the model's device, with the run's own optimizer factory."""
     device = next(p.device for p in model.parameters())
@@ -315,7 +322,8 @@ def search_training_data(model: nn.Module, rows: Sequence[dict], collate: Callab
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collated.items()}
 
     train, held = probe_batches(len(rows), batch, batch_size, train_steps, seed, share=share, candidates=candidates)
-    search = find_lr(model, make_optimizer, train, held, max_grad_norm=max_grad_norm, max_candidates=candidates)
+    search = find_lr(model, make_optimizer, train, held, max_grad_norm=max_grad_norm, max_candidates=candidates,
+                     fallback=fallback)
     search.extra.update(train_steps=train_steps, batch_size=batch_size, share_budget=share)
     return search
 
@@ -398,6 +406,11 @@ def format_lr_search(search: LrSearch) -> str:
     for c in search.candidates:
         loss = "diverged" if c.diverged else f"{c.held_out_loss:.4f}"
         lines.append(f"  {c.lr:>10.3g}  {loss:>13}{'  <- chosen' if c.lr == search.chosen else ''}")
+    if all(c.lr != search.chosen for c in search.candidates):
+        lines.append(f"  chosen: {search.chosen:.3g}, the default (no candidate showed learning)")
+    if search.extra.get("edge"):
+        lines.append(f"  stability edge: {search.extra['edge']:.3g} (the largest lr whose held-out loss stays within "
+                     f"{search.extra.get('edge_tolerance', EDGE):.0%} of the start)")
     return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = ["LR_B_MAX_DEFAULT", "LR_RATIO_DEFAULT", "create_optimizer", "effective_lr_ratio", "lora_plus_param_groups"]
 
+LR_DEFAULT = 1e-4  # gorafit run --lr, and what --lr auto keeps when its probe sees no learning
 LR_RATIO_DEFAULT = 16.0  # the paper's B/A learning-rate ratio
 LR_B_MAX_DEFAULT = 3e-3  # the quality benchmark's stable range (docs/method.md §8, §10)
 WEIGHT_DECAY_DEFAULT = 5e-4  # the paper's

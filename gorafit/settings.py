@@ -20,7 +20,13 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from gorafit.optim import LR_B_MAX_DEFAULT, LR_RATIO_DEFAULT, WEIGHT_DECAY_DEFAULT, effective_lr_ratio
+from gorafit.optim import (
+    LR_B_MAX_DEFAULT,
+    LR_DEFAULT,
+    LR_RATIO_DEFAULT,
+    WEIGHT_DECAY_DEFAULT,
+    effective_lr_ratio,
+)
 from goraplan.errors import GoraError, first_line
 from goraplan.settings import validation_summary
 
@@ -96,8 +102,9 @@ class TrainSettings(BaseModel):
 
     # -- optimisation (paper: AdamW, cosine, 3% warmup, B at 16 x the lr of A; docs/method.md §6)
     learning_rate: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
-        1e-4, description="Peak learning rate of lora_A and the head, or auto: a short range test on training "
-        "batches picks it (gorafit.lr_finder; about 10% of the run's cost, evidence in the run folder).")
+        LR_DEFAULT, description="Peak learning rate of lora_A and the head, or auto: a short range test on training "
+        "batches picks it, or keeps the default when it sees no learning (gorafit.lr_finder; about 10% of the run's "
+        "cost, evidence in the run folder).")
     lr_ratio: float = Field(LR_RATIO_DEFAULT, gt=0, description="LoRA+: every lora_B trains at this times the "
                             "learning rate (the paper's).")
     lr_b_max: float | None = Field(LR_B_MAX_DEFAULT, gt=0, description="Cap on lora_B's learning rate (never below "
