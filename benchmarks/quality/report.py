@@ -28,6 +28,7 @@ from benchmarks.quality.grid import (
 from benchmarks.quality.harness import AUTO_SHARE, COLLAPSE_SHARE, MAX_GRAD_NORM, WARMUP_RATIO, WEIGHT_DECAY
 from benchmarks.quality.stats import Cells, margin, mean_std, spearman
 from gorafit.lr_finder import EDGE, GAIN
+from gorafit.optim import LR_DEFAULT
 from goraplan.files import write_text_atomic
 
 WORKLOADS = {"nlu": "NLU: MiniLM-L6 on sarcasm headlines (accuracy)",
@@ -251,7 +252,8 @@ def serving_section(mode: Mode, records: list[dict]) -> str:
     runs = serving_planned(mode, first_best)
     nlu, nlg = (Cells([r for r in records if r["workload"] == w]) for w in ("nlu", "nlg"))
     rows = []
-    for m, g in zip(mode.serving_nlu, mode.serving_nlg, strict=True):
+    nlg_arms = {g.key: g for g in mode.serving_nlg}
+    for m in mode.serving_nlu:
         best = first_best.get(m.key)  # chosen on the first seed; the other seeds run there
         best_v = nlu.values(m.key, best) if best is not None else []
         edge = " (edge)" if best is not None and (nearly(best, m.lrs[0]) or nearly(best, m.lrs[-1])) else ""
@@ -259,7 +261,7 @@ def serving_section(mode: Mode, records: list[dict]) -> str:
                 if r.get("compression")] if best is not None else []
         before = [r["compression"]["uncompressed"]["accuracy"] for r in nlu.records(m.key, best)
                   if r.get("compression")] if best is not None else []
-        auto = nlg.records(g.key, AUTO)
+        auto = nlg.records(m.key, AUTO) if m.key in nlg_arms else []
         done = sum(s.run_id in have for _, s in runs if s.label == m.key)
         total = sum(1 for _, s in runs if s.label == m.key)
         rows.append([m.name, _serve_rank(m), *_serving_cost(m, serve), f"{best:.3g}{edge}" if best else "-",
@@ -357,7 +359,7 @@ def write_report(mode: Mode, stamp: dict) -> Path:
         f"- Adapters: r0 = {LORA_RANK}, alpha {LORA_ALPHA:g}, no dropout, the same module list for every method "
         "(NLU: every linear layer of the encoder, the head trains in every method; NLG: q/k/v/o). LoRA+ is "
         "peft's `create_loraplus_optimizer` (ratio 16). PiSSA and LoRA-GA are PEFT's. GoRA: `goraplan.build_plan` "
-        f"(N = {mode.nlu_methods[0].template.n_calib} calibration batches of 8, also LoRA-GA's) and "
+        f"(N = {[*mode.nlu_methods, *mode.serving_nlu][0].template.n_calib} calibration batches of 8, also LoRA-GA's) and "
         "`gorafit.apply_plan`; its optimizer is `gorafit.create_optimizer` (B at 16x, capped at gorafit's default) "
         "for 'gorafit defaults', one lr for 'x1'.",
         "- **lr grid**: quarter-decades (neighbours 1.78x apart), 9 points over two decades per method, the window "
@@ -368,7 +370,8 @@ def write_report(mode: Mode, stamp: dict) -> Path:
         f"between candidates. Candidates walk the quarter-decade lattice from 1e-3 in half-decade steps to bracket "
         f"the stability edge (the largest lr whose held-out loss stays within {EDGE:.0%} of the start's). If some "
         f"candidate lowers the held-out loss by {GAIN:.0%} or more (learning seen), the lowest held-out loss wins; "
-        f"if none does (a new head's plateau), the edge wins. Each run file keeps the rule used. Its steps are "
+        f"if none does (a new head's plateau), gorafit's default lr {LR_DEFAULT:g} is kept and the edge recorded. "
+        f"Each run file keeps the rule used. Its steps are "
         f"sized to cost at most {AUTO_SHARE:.0%} of the run (counted in example passes); the seconds it took are "
         f"measured below.",
         f"- **Collapse**: a run that predicts one class (NLU) or one answer string (NLG) for at least "

@@ -154,3 +154,22 @@ def test_the_serving_arms_share_runs_with_the_grid():
     assert {s.lr for _, s in runs if s.workload == "nlg"} == {AUTO}
     ids = [s.run_id for _, s in todo(mode, parts={"auto", "grid", "serving"})]
     assert len(ids) == len(set(ids))  # a serving run that is also a grid cell is listed once
+
+
+def test_the_serving_arms_run_and_the_report_sets_quality_beside_serving_cost(tiny, tmp_path):
+    from benchmarks.common import stamp
+    from benchmarks.quality.executor import run_grid
+    from benchmarks.quality.report import write_report
+
+    arms = [Method("lora", "LoRA r=8 (serves at 8)", RunSpec("nlu", "lora", 0.0, 0), [1e-3, 1.78e-3]),
+            Method("gora-x16-n2-c4", "GoRA compressed to 4", RunSpec("nlu", "gora", 0.0, 0, n_calib=2, compress_to=4),
+                   [1e-3, 1.78e-3])]
+    mode = replace(MODES["quick"], name="test", results=tmp_path, nlu_seeds=[0, 1], nlg_seeds=[], nlu_methods=[],
+                   nlg_methods=[], serving_nlu=arms, builders={"nlu": lambda: tiny})
+    run_grid(mode, ["pytest"], parts={"serving"}, say=lambda m: None)
+    files = sorted(p.name for p in (tmp_path / "runs").glob("*.json"))
+    assert len(files) == 2 * 2 + 2  # seed 0: both lrs of each arm; seed 1: each arm at its seed-0 best
+    text = write_report(mode, stamp(["pytest"])).read_text()
+    assert "## Quality vs serving cost" in text
+    row = next(line for line in text.splitlines() if line.startswith("| GoRA compressed to 4 |"))
+    assert "(n=2)" in row and row.endswith("| 3 of 3 |")  # seed 0 at 2 lrs, seed 1 at the better one
