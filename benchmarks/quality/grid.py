@@ -131,7 +131,8 @@ def serving_arms(workload: str, n_calib: int) -> list[Method]:
     def gora(**kw) -> RunSpec:
         return RunSpec(workload, "gora", 0.0, 0, n_calib=n_calib, b_lr_max=cap, **kw)
 
-    gora_lrs, lora_lrs = lattice(-15, 3), lattice(-12, 3)  # 1.78e-4 .. 5.62e-4; 1e-3 .. 3.16e-3
+    # around the first seed's grid-best (NLU: GoRA with gorafit's defaults 1e-3, LoRA 1.78e-3)
+    gora_lrs, lora_lrs = lattice(-13, 3), lattice(-12, 3)  # 5.62e-4 .. 1.78e-3; 1e-3 .. 3.16e-3
     arms = [("LoRA r=8 (serves at 8)", RunSpec(workload, "lora", 0.0, 0, n_calib=n_calib), lora_lrs),
             ("GoRA r_max 32 (serves at 32)", gora(), gora_lrs),
             ("GoRA r_max 16 (serves at 16)", gora(max_rank=16), gora_lrs),
