@@ -96,11 +96,26 @@ def main_table(cells: Cells, methods: list[Method], key: str, lower: bool, scale
         cg, ng = sum(cells.collapsed(m.key, lr)[0] for lr in cells.lrs(m.key)), sum(cells.collapsed(m.key, lr)[1] for lr in cells.lrs(m.key))
         cells_done = sum(bool(cells.values(m.key, lr, key)) for lr in m.lrs)
         rows.append([m.name, f"{cells_done} of {len(m.lrs)}", f"{best:.3g}{edge}" if best is not None else "-",
-                     _ms(best_v, scale, digits),
+                     _ms(best_v, scale, digits), _near_best(cells, m, key, lower, scale),
                      chosen or "-", _ms(auto_v, scale, digits), _margin(auto_v, best_v, scale, digits),
                      f"{cb}/{nb}", f"{ca}/{na}", f"{cg}/{ng}"])
-    return _table(["method", "grid lrs done", "grid-best lr (of those)", "at grid-best", "auto lr per seed", "with auto", "auto - best",
+    return _table(["method", "grid lrs done", "grid-best lr (of those)", "at grid-best",
+                   f"lrs within {NEAR_BEST:g} of the best", "auto lr per seed", "with auto", "auto - best",
                    "collapsed at best", "collapsed with auto", "collapsed, whole grid"], rows)
+
+
+NEAR_BEST = 2.0  # points (accuracy %) or, for a loss, hundredths: how forgiving a method is of its lr
+
+
+def _near_best(cells: Cells, m: Method, key: str, lower: bool, scale: float) -> str:
+    """How many of the grid lrs done score within NEAR_BEST of the best one (means over seeds): the width of
+    the lr window a user can miss the best by without losing much."""
+    means = [mean_std(cells.values(m.key, lr, key))[0] * scale for lr in m.lrs if cells.values(m.key, lr, key)]
+    if not means:
+        return "-"
+    tol = NEAR_BEST if scale == 100 else NEAR_BEST / 100
+    best = min(means) if lower else max(means)
+    return f"{sum(abs(v - best) <= tol for v in means)} of {len(means)}"
 
 
 def gora_vs(cells: Cells, methods: list[Method], key: str, lower: bool, scale: float, digits: int) -> str:
