@@ -288,7 +288,8 @@ def serving_section(mode: Mode, records: list[dict]) -> str:
     return ("tokens/s vs the merged model (the floor), from the serve benchmark " + source + ": an adapter's "
             "serving cost is set by the `--max-lora-rank` it needs, so the compressed arm costs what GoRA r_max 16 "
             "costs. 'limited': vLLM's LoRA wrappers limited to the adapter's modules (`--lora-target-modules`, what "
-            "`gorafit export` prints). NLU: accuracy % at the best of the arm's lrs (mean ± std over seeds); the "
+            "`gorafit export` prints). NLU: accuracy % at the arm's best lr (the first seed tries its 3 lrs, the "
+            "other seeds run at the best of them; mean ± std over seeds); the "
             "compressed arm also shows the same adapter before compression and the share of the update's norm "
             "the truncated SVD kept. NLG: `--lr auto`.\n\n"
             + _table(["arm", "--max-lora-rank", "tokens/s vs floor, 1 adapter", "1 adapter, limited",
