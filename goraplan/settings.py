@@ -22,7 +22,7 @@ class PlanSettings(BaseModel):
     """Settings of `goraplan build` (GoRA stage 1). Unknown keys are errors.
 
     >>> PlanSettings(rank=8).resolved().max_rank
-    32
+    16
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -35,12 +35,13 @@ class PlanSettings(BaseModel):
     )
     rank: int = Field(8, ge=1, description="r0: plain LoRA's rank; the budget is r0 * sum(out + in).")
     min_rank: int | None = Field(None, ge=1, description="Smallest rank a module gets; default max(1, r0 // 2).")
-    max_rank: int | None = Field(None, ge=1, description="Largest rank a module gets; default 4 * r0.")
+    max_rank: int | None = Field(None, ge=1, description="Largest rank a module gets; default 2 * r0 (the "
+                                    "paper's 4 * r0 measured no better and serves slower, docs/method.md §8).")
     serve_rank: int | None = Field(
         None,
         description="The vLLM --max-lora-rank the adapter will be served at (one of "
         f"{', '.join(map(str, SERVING_RANKS))}); vLLM pads every module to it, so max rank defaults to "
-        "min(4 * r0, serve rank) and may not exceed it.",
+        "min(2 * r0, serve rank) and may not exceed it.",
     )
     alpha: float = Field(16.0, gt=0, description="LoRA alpha; scaling is rsLoRA's alpha / sqrt(r_i).")
     step_size: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
@@ -88,7 +89,7 @@ class PlanSettings(BaseModel):
 
     def resolved_rank_bounds(self) -> tuple[int, int]:
         r_min = self.min_rank if self.min_rank is not None else max(1, self.rank // 2)
-        r_max = self.max_rank if self.max_rank is not None else 4 * self.rank
+        r_max = self.max_rank if self.max_rank is not None else 2 * self.rank
         if self.max_rank is None and self.serve_rank is not None:
             r_max = min(r_max, self.serve_rank)
         return r_min, r_max

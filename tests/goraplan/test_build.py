@@ -59,8 +59,8 @@ def test_plan_records_budget_ranks_and_settings():
     assert man.totals.budget == 4 * sum(costs.values()) == man.totals.lora_equivalent
     assert man.totals.allocated == sum(m.rank * costs[m.name] for m in man.modules) <= man.totals.budget
     assert man.totals.budget - man.totals.allocated < max(costs.values())
-    assert all(2 <= m.rank <= 16 for m in man.modules)
-    assert man.settings.min_rank == 2 and man.settings.max_rank == 16
+    assert all(2 <= m.rank <= 8 for m in man.modules)
+    assert man.settings.min_rank == 2 and man.settings.max_rank == 8  # the defaults: r0 / 2 and 2 r0
     assert man.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert sum(m.share for m in man.modules) == pytest.approx(1.0)
     assert {"gradients_s", "importance_s", "allocation_s", "init_s", "peak_memory_mb"} <= plan.stats.keys()

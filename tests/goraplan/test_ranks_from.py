@@ -21,7 +21,7 @@ def run(args, capsys):
 @pytest.fixture(scope="module")
 def team_a(tmp_path_factory):
     """Team A's plan: r0=4 over all linear layers, on its data (seed 1)."""
-    settings = goraplan.PlanSettings(steps=3, rank=4, target_modules="all-linear")
+    settings = goraplan.PlanSettings(steps=3, rank=4, max_rank=16, target_modules="all-linear")
     plan = goraplan.build_plan(tiny_llama(), random_batches(3, seed=1), settings)
     plan.save(tmp_path_factory.mktemp("a") / "a.gora")
     return plan

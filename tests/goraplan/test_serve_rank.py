@@ -23,8 +23,8 @@ def test_serving_rank_is_the_smallest_allowed_value_that_holds():
 
 
 def test_serve_rank_caps_the_default_max_rank_and_only_that():
-    assert PlanSettings(rank=8, serve_rank=16).resolved().max_rank == 16
-    assert PlanSettings(rank=8, serve_rank=64).resolved().max_rank == 32  # 4 * r0 already fits
+    assert PlanSettings(rank=8, serve_rank=8).resolved().max_rank == 8
+    assert PlanSettings(rank=8, serve_rank=64).resolved().max_rank == 16  # 2 * r0 already fits
     assert PlanSettings(rank=8, serve_rank=16, max_rank=12).resolved().max_rank == 12
     assert PlanSettings(rank=8).resolved().serve_rank is None
 
