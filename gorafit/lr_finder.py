@@ -61,7 +61,6 @@ __all__ = [
 
 QUARTER_DECADE = 10 ** 0.25  # the lattice the walk moves on (half-decade steps, then the quarter between)
 GAIN = 0.05  # a held-out loss this much (relative) below the start's: the probe saw learning, not noise
-DEFAULT_LR = LR_DEFAULT  # what --lr auto keeps when its probe sees no learning (gorafit's default --lr)
 EDGE = 0.03  # a held-out loss this much (relative) above the start's: the lr hurts (the stability edge)
 LR_BOUNDS = (1e-7, 1.0 + 1e-9)  # the walk never leaves these (1.0 itself included)
 
@@ -107,12 +106,50 @@ class LrSearch:
 
     @classmethod
     def from_dict(cls, data: dict) -> LrSearch:
-        data = dict(data)
-        data["candidates"] = [
-            Candidate(c["lr"], math.inf if c["held_out_loss"] is None else c["held_out_loss"], list(c["train_losses"]))
-            for c in data["candidates"]
-        ]
-        return cls(**data)
+        """The search from its JSON form, every field checked (a run folder may come from anyone).
+
+        >>> LrSearch.from_dict({"chosen": 1e-4, "candidates": [], "start_loss": 0.7, "steps_per_candidate": 3,
+        ...                     "probe_batch_size": 8, "held_out_batches": 1, "seconds": 1.0, "extra": {"edge": "x"}})
+        Traceback (most recent call last):
+        TypeError: extra.edge is not a number
+        """
+        if not isinstance(data, dict) or not isinstance(data["candidates"], list):
+            raise TypeError("the search or its candidates has the wrong type")
+        candidates = [Candidate(_number(c["lr"], "a candidate's lr"), _loss(c["held_out_loss"]),
+                                [_loss(x) for x in _list(c["train_losses"])]) for c in data["candidates"]]
+        extra = data.get("extra", {})
+        if not isinstance(extra, dict):
+            raise TypeError("extra is not an object")
+        for key in ("edge", "edge_tolerance", "gain_needed"):
+            if extra.get(key) is not None:
+                _number(extra[key], f"extra.{key}")
+        rule = data.get("rule", LEARNING_SEEN)
+        if not isinstance(rule, str):
+            raise TypeError("rule is not text")
+        probe = data["probe_batch_size"]
+        return cls(chosen=_number(data["chosen"], "chosen"), candidates=candidates,
+                   start_loss=_number(data["start_loss"], "start_loss"),
+                   steps_per_candidate=int(_number(data["steps_per_candidate"], "steps_per_candidate")),
+                   probe_batch_size=None if probe is None else int(_number(probe, "probe_batch_size")),
+                   held_out_batches=int(_number(data["held_out_batches"], "held_out_batches")),
+                   seconds=_number(data["seconds"], "seconds"), rule=rule, extra=extra)
+
+
+def _number(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{what} is not a number")
+    return float(value)
+
+
+def _loss(value: object) -> float:
+    """A loss as written (JSON has no inf: a diverged one is null)."""
+    return math.inf if value is None else _number(value, "a loss")
+
+
+def _list(value: object) -> list:
+    if not isinstance(value, list):
+        raise TypeError("train_losses is not a list")
+    return value
 
 
 # ------------------------------------------------------------------------------------------ range test
@@ -207,7 +244,7 @@ def find_lr(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Opti
             train_batches: Sequence[dict], held_out: Sequence[dict], *, start: float = 1e-3,
             max_grad_norm: float | None = 1.0, tolerance: float = 1e-4, max_candidates: int | None = None,
             loss_fn: Callable[[nn.Module, dict], torch.Tensor] = _default_loss,
-            fallback: float = DEFAULT_LR) -> LrSearch:
+            fallback: float = LR_DEFAULT) -> LrSearch:
     """The range test: see the module's docstring for the two rules (`fallback`: the lr kept when no learning
     is seen).
 
@@ -289,8 +326,7 @@ def find_lr(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Opti
         model.train(was_training)
     candidates = sorted(tried.values(), key=lambda c: c.lr)
     safe = [c.lr for c in candidates if c.held_out_loss <= start_loss * (1 + EDGE)]
-    found_edge = max(safe) if safe and any(c.lr > max(safe) and not c.held_out_loss <= start_loss * (1 + EDGE)
-                                           for c in candidates) else None
+    found_edge = max(safe) if safe and max(safe) < candidates[-1].lr else None  # a larger lr tried, and it hurt
     if rule == LEARNING_SEEN:
         chosen = min((c for c in candidates if not c.diverged), key=lambda c: c.held_out_loss).lr
     else:
@@ -312,7 +348,7 @@ def _batch_size(batch: dict) -> int | None:
 def search_training_data(model: nn.Module, rows: Sequence[dict], collate: Callable[[list[dict]], dict],
                          make_optimizer: Callable[[float], torch.optim.Optimizer], *, batch_size: int,
                          train_steps: int, seed: int, max_grad_norm: float | None = 1.0,
-                         share: float = 0.10, candidates: int = 7, fallback: float = DEFAULT_LR) -> LrSearch:
+                         share: float = 0.10, candidates: int = 7, fallback: float = LR_DEFAULT) -> LrSearch:
     """`find_lr` as ``gorafit run --lr auto`` runs it: on `rows` of the training set only (`probe_batches`),
     moved to the model's device, with the run's own optimizer factory."""
     device = next(p.device for p in model.parameters())
@@ -341,15 +377,17 @@ def save_lr_search(path: str | Path, search: LrSearch, *, plot_path: str | Path 
 
 def read_lr_search(path: str | Path) -> LrSearch | None:
     """The search kept in `path`, or None when there is none."""
-    import json
+    from goraplan.untrusted import printable, read_json_object
 
     path = Path(path)
     if not path.is_file():
         return None
+    data = read_json_object(path, "learning-rate search")
     try:
-        return LrSearch.from_dict(json.loads(path.read_text()))
+        return LrSearch.from_dict(data)
     except (ValueError, KeyError, TypeError) as exc:
-        raise GoraError(f"{path} is not a learning-rate search this gorafit wrote ({exc}); delete it or rerun") from exc
+        raise GoraError(f"{printable(path)} is not a learning-rate search this gorafit wrote "
+                        f"({printable(exc)}); delete it or rerun") from None
 
 
 # ------------------------------------------------------------------------------------------ curvature
@@ -399,7 +437,10 @@ def _normalised(vectors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
 # ------------------------------------------------------------------------------------------ evidence
 def format_lr_search(search: LrSearch) -> str:
     """The search as text: one line per candidate, the chosen one marked."""
-    lines = [f"lr search: chose {search.chosen:.3g} ({search.rule}); {len(search.candidates)} candidates, "
+    from goraplan.untrusted import printable
+
+    # every field but the rule is a checked number (`LrSearch.from_dict`); the rule may come from anyone's file
+    lines = [f"lr search: chose {search.chosen:.3g} ({printable(search.rule)}); {len(search.candidates)} candidates, "
              f"{search.steps_per_candidate} steps each of {search.probe_batch_size} examples, "
              f"{search.held_out_batches} held-out training batches, {search.seconds:.1f} s",
              f"  {'lr':>10}  {'held-out loss':>13}", f"  {'0 (start)':>10}  {search.start_loss:>13.4f}"]

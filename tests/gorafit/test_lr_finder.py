@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from gorafit.lr_finder import (
-    DEFAULT_LR,
     EDGE,
     NO_LEARNING_SEEN,
     QUARTER_DECADE,
@@ -22,6 +21,7 @@ from gorafit.lr_finder import (
     save_lr_search,
     search_training_data,
 )
+from gorafit.optim import LR_DEFAULT
 
 
 def _rotation(n: int, seed: int = 0) -> torch.Tensor:
@@ -114,7 +114,7 @@ def test_on_a_tiny_lora_model_the_search_is_kept_and_shown(tmp_path):
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
     assert len(search.candidates) >= 3
     assert search.chosen in [c.lr for c in search.candidates] or (search.rule, search.chosen) == (NO_LEARNING_SEEN,
-                                                                                                   DEFAULT_LR)
+                                                                                                   LR_DEFAULT)
     assert search.probe_batch_size == 2 and search.held_out_batches == 1 and search.extra["train_steps"] == 40
     save_lr_search(tmp_path / "lr_search.json", search, plot_path=tmp_path / "lr_search.png", title="tiny")
     again = read_lr_search(tmp_path / "lr_search.json")
@@ -170,7 +170,7 @@ def test_gorafit_run_lr_auto_keeps_its_evidence_and_inspect_shows_it(tmp_path, c
     if record["learning_rate_search"]["learning_seen"]:
         assert "<- chosen" in stdout and f"{chosen:.3g}" in stdout and "Warning" not in run_err
     else:  # the tiny model's probe sees no learning: the default is kept, and both commands say so
-        assert chosen == DEFAULT_LR and "Warning: --lr auto saw no learning" in run_err
+        assert chosen == LR_DEFAULT and "Warning: --lr auto saw no learning" in run_err
         assert f"chosen: {chosen:.3g}, the default" in stdout
     code, stdout, err = gorafit("inspect", tmp_path / "in")
     assert code == 2 and "holds no run" in err
@@ -193,7 +193,7 @@ def test_a_flat_curve_keeps_the_start_instead_of_walking_to_either_end():
     flat = lambda m, b: _scalar_loss(m, b) * 0 + 1.0 + 1e-6 * m.w.sum()  # noqa: E731  (no lr changes it)
     search = find_lr(model, lambda lr: torch.optim.SGD(model.parameters(), lr=lr), batches, batches,
                      max_grad_norm=None, loss_fn=flat, max_candidates=7)
-    assert len(search.candidates) <= 7 and search.chosen == DEFAULT_LR and search.rule == NO_LEARNING_SEEN
+    assert len(search.candidates) <= 7 and search.chosen == LR_DEFAULT and search.rule == NO_LEARNING_SEEN
     assert search.extra["edge"] is None  # nothing hurt either
 
 
@@ -226,4 +226,4 @@ def test_the_walk_stops_at_its_candidate_budget(start):
                      max_grad_norm=None, loss_fn=_scalar_loss, start=start, max_candidates=5)
     assert len(search.candidates) <= 5
     if start == 1e-6:  # the loss falls by under 5% up to the walk's cap (3 half-decades): the default is kept
-        assert len(search.candidates) == 3 and search.rule == NO_LEARNING_SEEN and search.chosen == DEFAULT_LR
+        assert len(search.candidates) == 3 and search.rule == NO_LEARNING_SEEN and search.chosen == LR_DEFAULT

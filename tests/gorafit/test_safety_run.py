@@ -228,6 +228,28 @@ def test_inspect_shows_a_hostile_record_inertly(previous, capsys, record):
     assert "\x1b" not in out and "\x07" not in out and not any(line.startswith("completed") for line in out.splitlines())
 
 
+SEARCH = {"chosen": 1e-4, "candidates": [{"lr": 1e-3, "held_out_loss": None, "train_losses": [0.7, None]}],
+          "start_loss": 0.69, "steps_per_candidate": 2, "probe_batch_size": 8, "held_out_batches": 1, "seconds": 1.0,
+          "rule": "learning seen", "extra": {"edge": 3e-4}}
+
+
+@pytest.mark.parametrize("change", [{"extra": {"edge": "x"}}, {"rule": 7}, {"chosen": "1e-4"}, {"candidates": {}},
+                                    {"candidates": [{"lr": True, "held_out_loss": 1.0, "train_losses": []}]},
+                                    {"extra": []}, {"seconds": None}])
+def test_a_hostile_lr_search_is_one_sentence(previous, capsys, change):
+    (previous / "lr_search.json").write_text(json.dumps({**SEARCH, **change}))
+    code, _, err = run(["inspect", previous], capsys)
+    one_sentence(code, err, "lr_search.json")
+
+
+def test_an_lr_search_is_shown_inertly(previous, capsys):
+    (previous / "lr_search.json").write_text(json.dumps({**SEARCH, "rule": "\x1b[2J\nchosen: 1.0"}))
+    code, out, err = run(["inspect", previous], capsys)
+    assert code == 0, err
+    assert "\x1b" not in out and "stability edge: 0.0003" in out and "diverged" in out
+    assert not any(line.startswith("chosen: 1.0") for line in out.splitlines())
+
+
 def damage(checkpoint: Path, name: str) -> None:
     target = checkpoint / name
     target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])
