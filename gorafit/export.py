@@ -90,6 +90,7 @@ class ExportResult:
     task: str
     ranks: dict[str, int]
     vllm_legacy: bool = False
+    base_revision: str | None = None  # the commit of base_model the adapter records (PEFT's `revision`)
     dtype: str | None = None
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
@@ -108,8 +109,12 @@ class ExportResult:
         """For a peft export that vLLM can serve: the server command (over `base`, else the adapter's base)."""
         if self.format != "peft" or self.max_lora_rank is None:
             return None
-        return vllm_serve_command(served_model(base or self.base_model or "BASE_MODEL"), self.out, self.max_rank,
-                                  target_modules=lora_target_modules(self.ranks))
+        name = base or self.base_model or "BASE_MODEL"
+        served = served_model(name)
+        # the recorded commit belongs to the adapter's own Hub base, not to another base or a local folder
+        revision = self.base_revision if name == self.base_model and served == name else None
+        return vllm_serve_command(served, self.out, self.max_rank, target_modules=lora_target_modules(self.ranks),
+                                  revision=revision)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -132,7 +137,8 @@ def export_peft(
     config, tensors, metadata = read_adapter(source.adapter_dir)
     result = ExportResult(out=Path(out).expanduser(), format="peft", source=source.adapter_dir,
                           base_model=config.get("base_model_name_or_path"), task=adapter_task(config),
-                          ranks=module_ranks(config, tensors), vllm_legacy=vllm_legacy)
+                          ranks=module_ranks(config, tensors), vllm_legacy=vllm_legacy,
+                          base_revision=config["revision"] if isinstance(config.get("revision"), str) else None)
     config = dict(plain_lora_config(config), inference_mode=True)
     if max_rank is not None:
         config, tensors, result.compression = compress_adapter(config, tensors, max_rank)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -155,21 +156,29 @@ def lora_target_modules(modules: Iterable[str]) -> list[str]:
 
 
 def vllm_serve_command(base: str, adapter_dir: str | os.PathLike, max_rank: int, name: str | None = None,
-                       target_modules: Iterable[str] | None = None) -> str:
-    """The command that serves `adapter_dir` over `base` with vLLM's OpenAI-compatible server, at the least cost.
+                       target_modules: Iterable[str] | None = None, revision: str | None = None) -> str:
+    """The command that serves `adapter_dir` over `base` (at `revision`) with vLLM's OpenAI-compatible server,
+    at the least cost.
 
     vLLM pads every adapter to ``--max-lora-rank``, so it is the smallest allowed value that holds
     `max_rank`; and it wraps every module it can unless ``--lora-target-modules`` (`target_modules`, from
-    `lora_target_modules`) limits its LoRA wrappers to the adapter's own modules.
+    `lora_target_modules`) limits its LoRA wrappers to the adapter's own modules. Every word that comes from a
+    file (a base name, a revision, module names) is made inert and quoted, so the command is safe to paste.
 
     >>> vllm_serve_command("HuggingFaceTB/SmolLM2-135M-Instruct", "out/gora", 12, target_modules=["q_proj", "v_proj"])
     'python -m vllm.entrypoints.openai.api_server --model HuggingFaceTB/SmolLM2-135M-Instruct --enable-lora --max-lora-rank 16 --lora-target-modules q_proj v_proj --lora-modules gora=out/gora'
+    >>> vllm_serve_command("m; rm -rf ~", "out/a", 8, revision="main")
+    "python -m vllm.entrypoints.openai.api_server --model 'm; rm -rf ~' --revision main --enable-lora --max-lora-rank 8 --lora-modules a=out/a"
     """
+    def word(text: str) -> str:
+        return shlex.quote(printable(str(text)))
+
     adapter_dir = Path(adapter_dir)
-    limit = f"--lora-target-modules {' '.join(target_modules)} " if target_modules else ""
-    return (f"python -m vllm.entrypoints.openai.api_server --model {base} --enable-lora "
+    pinned = f" --revision {word(revision)}" if revision else ""
+    limit = f"--lora-target-modules {' '.join(word(m) for m in target_modules)} " if target_modules else ""
+    return (f"python -m vllm.entrypoints.openai.api_server --model {word(base)}{pinned} --enable-lora "
             f"--max-lora-rank {smallest_max_lora_rank(max_rank)} {limit}"
-            f"--lora-modules {name or adapter_dir.name}={adapter_dir}")
+            f"--lora-modules {word(f'{name or adapter_dir.name}={adapter_dir}')}")
 
 
 def vllm_python(python: str | os.PathLike | None = None) -> str:

@@ -88,11 +88,8 @@ def usage_commands(plan: Plan, repo_id: str | None = None, revision: str | None 
     name = repo.split("/")[-1]
     base = plan.manifest.base_model
     # The model name comes from the file: inert (printable) and one shell word (quoted) in a command to paste.
-    serve = vllm_serve_command(shlex.quote(printable(base.name_or_path)), f"out/{name}-adapter",
-                               max(plan.ranks.values()), name,
-                               target_modules=[shlex.quote(printable(m)) for m in lora_target_modules(plan.ranks)])
-    if base.revision:
-        serve += f" --revision {shlex.quote(printable(base.revision))}"
+    serve = vllm_serve_command(base.name_or_path, f"out/{name}-adapter", max(plan.ranks.values()), name,
+                               target_modules=lora_target_modules(plan.ranks), revision=base.revision)
     from goraplan.models import MODEL_ALIASES, is_hub_id
 
     model = shlex.quote(printable(base.name_or_path))

@@ -177,6 +177,23 @@ def test_export_records_provenance_and_card(export_adapter, tmp_path):
                                               f"--lora-modules out={tmp_path / 'out'}")
 
 
+def test_serve_command_pins_the_recorded_revision_and_quotes_words_from_the_file(export_adapter, tmp_path):
+    import shlex
+    import shutil
+
+    run, _ = export_adapter
+    adapter = tmp_path / "adapter"
+    shutil.copytree(run / "adapter", adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config.update(base_model_name_or_path="org/m; rm -rf ~", revision="0123abc")
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    result = export_peft(adapter, tmp_path / "out")
+    words = shlex.split(result.serve_command())
+    assert words[words.index("--model") + 1] == "org/m; rm -rf ~"  # one inert word, however it is spelt
+    assert words[words.index("--revision") + 1] == "0123abc"
+    assert "--revision" not in result.serve_command("other/base")  # the commit belongs to the recorded base only
+
+
 def test_string_init_is_written_as_true(export_adapter, tmp_path):
     run, _ = export_adapter
     adapter = tmp_path / "gora-init"

@@ -49,7 +49,7 @@ def test_card_folder_holds_plan_card_picture_and_provenance(hub_plan, tmp_path):
     assert data["gora"]["calibration_token_fingerprint"] == plan.manifest.calibration.token_fingerprint
     for command in ("gorafit run team-a/sarcasm-plan@v1 -o runs/sarcasm-plan",
                     "gorafit export runs/sarcasm-plan --format peft -o out/sarcasm-plan-adapter",
-                    "--model HuggingFaceTB/SmolLM2-135M --enable-lora --max-lora-rank",
+                    "--model HuggingFaceTB/SmolLM2-135M --revision " + "a" * 40 + " --enable-lora --max-lora-rank",
                     "goraplan build --model HuggingFaceTB/SmolLM2-135M --revision " + "a" * 40
                     + " --ranks-from team-a/sarcasm-plan@v1 --data YOUR_DATA"):
         assert command in card.text, command
