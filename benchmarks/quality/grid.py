@@ -92,6 +92,13 @@ def _gorafit_b_lr_max() -> float | None:
     return LR_B_MAX_DEFAULT
 
 
+def _gorafit_max_rank() -> int:
+    """goraplan's default largest rank at r0 = LORA_RANK (GoRA 'with gorafit's defaults')."""
+    from goraplan.settings import PlanSettings
+
+    return PlanSettings(rank=LORA_RANK).resolved().max_rank
+
+
 @dataclass(frozen=True)
 class Method:
     """A method of the comparison: its template spec (lr and seed filled per point) and its lr window."""
@@ -103,8 +110,9 @@ class Method:
 
 
 def methods(workload: str, n_calib: int) -> list[Method]:
-    """The eight methods of the issue, each with a two-decade window around where it trains."""
-    cap = _gorafit_b_lr_max()
+    """The eight methods of the issue, each with a two-decade window around where it trains, and one ablation:
+    GoRA with gorafit's defaults but the paper's largest rank (4 r0), gorafit's default before 2026-11-30."""
+    cap, r_max = _gorafit_b_lr_max(), _gorafit_max_rank()
 
     def t(method: str, **kw) -> RunSpec:
         return RunSpec(workload, method, 0.0, 0, n_calib=n_calib, **kw)
@@ -116,7 +124,10 @@ def methods(workload: str, n_calib: int) -> list[Method]:
         ("loraplus", "LoRA+ r=8 (ratio 16)", t("loraplus"), lattice(-18)),  # 3.16e-5 .. 3.16e-3
         ("pissa", "PiSSA r=8", t("pissa"), lattice(-16)),
         ("loraga", "LoRA-GA r=8", t("loraga"), lattice(-16)),
-        (None, f"GoRA, gorafit defaults (x16, B lr <= {cap:g})", t("gora", b_lr_max=cap), lattice(-18)),
+        (None, f"GoRA, gorafit defaults (x16, B lr <= {cap:g}, r_max {r_max})", t("gora", b_lr_max=cap, max_rank=r_max),
+         lattice(-18)),
+        (None, f"GoRA, gorafit defaults but r_max {4 * LORA_RANK} (the paper's)",
+         t("gora", b_lr_max=cap, max_rank=4 * LORA_RANK), lattice(-18)),
         (None, "GoRA x1", t("gora", ratio=1.0), lattice(-16)),
     ]
     return [Method(key or spec.label, name, spec, lrs) for key, name, spec, lrs in out]
@@ -178,7 +189,7 @@ def _middle(lrs: list[float], n: int | None) -> list[float]:
 
 
 def _gorafit_defaults(m: Method) -> bool:
-    return m.template.method == "gora" and m.template.b_lr_max is not None
+    return m.template.method == "gora" and m.template.b_lr_max is not None and m.template.max_rank == _gorafit_max_rank()
 
 
 NLU_SIZES = dict(train_examples=3000, test_examples=2000, max_length=64)

@@ -99,9 +99,20 @@ def test_the_quality_modules_import_one_way_and_never_the_cli_or_the_tests():
     assert not [m for m in edges if reaches(m, m)]  # no import circle
 
 
+def test_gorafit_defaults_arm_follows_goraplans_default_rank():
+    from benchmarks.quality.grid import _gorafit_defaults
+    from goraplan.settings import PlanSettings
+
+    defaults = [m for m in MODES["full"].nlu_methods if _gorafit_defaults(m)]
+    assert len(defaults) == 1
+    assert defaults[0].template.max_rank == PlanSettings(rank=8).resolved().max_rank
+
+
 def test_the_full_grid_meets_the_issue():
     mode = MODES["full"]
-    assert len(mode.nlu_methods) == len(mode.nlg_methods) == 8
+    assert len(mode.nlu_methods) == len(mode.nlg_methods) == 9  # the issue's 8 and GoRA at the paper's r_max
+    names = {m.template.method for m in mode.nlu_methods}
+    assert names == {"full", "lora", "rslora", "loraplus", "pissa", "loraga", "gora"}
     assert len(mode.nlu_seeds) >= 3 and len(mode.nlg_seeds) >= 2
     for m in mode.nlu_methods + mode.nlg_methods:
         assert m.lrs[-1] / m.lrs[0] >= 99  # two decades
