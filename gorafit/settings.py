@@ -297,7 +297,7 @@ def make_train_settings(file_values: dict[str, Any] | None = None, **overrides: 
 def learning_rate_warning(settings: TrainSettings) -> str | None:
     """A warning when the learning rates lie beyond what GoRA was measured to train stably at.
 
-    >>> learning_rate_warning(TrainSettings()) is None   # lr 1e-4, ratio 16: B at 1.6e-3
+    >>> learning_rate_warning(TrainSettings()) is None   # lr 3.16e-4, ratio 16: B at 5.1e-3, capped at 3e-3
     True
     >>> learning_rate_warning(TrainSettings(learning_rate=1e-3, lr_b_max=None)).split(";")[0]
     'warning: every lora_B trains at 0.016 (lr 0.001 x lr-ratio 16)'

@@ -54,7 +54,7 @@ def test_run_with_config_file_and_flags_on_top(inputs, tmp_path, capsys, cli_env
     assert_one_sentence(code, err, "holds another run", "--resume", "--overwrite")
     code, _, err = run(["run", inputs["plan"], "--max-steps", 1, "-o", out, "--overwrite", *FAST], capsys)
     assert code == 0, err
-    assert "warning" not in err  # the defaults (lr 1e-4, ratio 16) lie inside them
+    assert "warning" not in err  # the defaults (lr 3.16e-4, ratio 16, B capped at 3e-3) lie inside them
     assert json.loads((out / "run.json").read_text())["global_step"] == 1
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]  # the old run's are gone
 
