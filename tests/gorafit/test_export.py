@@ -192,6 +192,10 @@ def test_serve_command_pins_the_recorded_revision_and_quotes_words_from_the_file
     assert words[words.index("--model") + 1] == "org/m; rm -rf ~"  # one inert word, however it is spelt
     assert words[words.index("--revision") + 1] == "0123abc"
     assert "--revision" not in result.serve_command("other/base")  # the commit belongs to the recorded base only
+    config.update(revision="main\x1b[2J\nrm -rf ~")  # escape codes and a line break in the recorded commit
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    printed = export_peft(adapter, tmp_path / "out2").serve_command()
+    assert "\x1b" not in printed and "\n" not in printed and len(shlex.split(printed)) == len(words)
 
 
 def test_string_init_is_written_as_true(export_adapter, tmp_path):
