@@ -1,0 +1,52 @@
+"""The two lr experiments' readers: the sweep's divergence and lowest points, and the default-lr check's
+seed-by-seed comparison (pure functions over recorded numbers)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from benchmarks.quality.sweep_probe import RISE, read_points, summary
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import bench_default_lr  # noqa: E402
+
+
+def test_sweep_points_are_where_the_smoothed_loss_turns_up_and_bottoms_out():
+    lrs = [1e-4 * 10 ** (k / 10) for k in range(30)]
+    losses = [0.7] * 10 + [0.7 - 0.03 * k for k in range(10)] + [0.43 + 0.3 * k for k in range(10)]
+    divergence, lowest = read_points({"lrs": lrs, "losses": losses})
+    start = 0.7
+    first_up = next(i for i in range(len(losses))
+                    if sum(losses[max(0, i - 4):i + 1]) / len(losses[max(0, i - 4):i + 1]) > start * (1 + RISE))
+    assert divergence == lrs[first_up] and first_up > 20
+    assert lrs[17] <= lowest <= lrs[22]
+
+
+def test_a_sweep_that_never_turns_up_has_no_divergence_and_a_single_spike_is_smoothed_away():
+    lrs = [1e-4 * 10 ** (k / 10) for k in range(20)]
+    losses = [0.7] * 20
+    losses[12] = 1.2  # one noisy batch: the 5-step mean rises by 0.1, under RISE
+    divergence, _ = read_points({"lrs": lrs, "losses": losses})
+    assert divergence is None
+
+
+def test_sweep_summary_gives_each_ratio_to_the_grid_best_and_their_spread():
+    lrs = [1e-4 * 10 ** (k / 10) for k in range(30)]
+    rising = [0.7] * 20 + [0.7 + 0.2 * k for k in range(10)]
+    records = [{"label": "lora", "seed": s, "batch": 8, "steps": 30, "lo": 1e-4, "hi": 1e-1, "lrs": lrs,
+                "losses": rising[s:] + [9.0] * s} for s in (0, 1)]
+    text = summary(records, {"lora": 1e-3}, {"lora": "LoRA r=8"})
+    assert "| LoRA r=8 | 0.001 | 0 |" in text and "| LoRA r=8 | 0.001 | 1 |" in text
+    assert "divergence / best:" in text and "over 2 sweeps" in text
+
+
+def test_default_lr_summary_compares_the_lrs_seed_by_seed():
+    runs = {}
+    for seed, (a, b) in enumerate([(0.30, 0.28), (0.32, 0.33), (0.35, 0.31)]):
+        runs[f"lr0.0001-s{seed}"] = {"lr": 1e-4, "seed": seed, "eval_loss": a, "eval_loss_step20": a + 0.1}
+        runs[f"lr0.000316-s{seed}"] = {"lr": 3.16e-4, "seed": seed, "eval_loss": b, "eval_loss_step20": b + 0.1}
+    record = {"runs": runs, "stamp": {"command": "python benchmarks/bench_default_lr.py", "date": "d", "machine": "m"}}
+    text = bench_default_lr.summary(record)
+    assert "| 1 | 0.4200 | 0.3200 | 0.4300 | 0.3300 |" in text
+    assert "lr 0.000316 minus lr 0.0001, seed by seed: -0.0167 ± 0.0252 (n=3; lr 0.000316 lower on 2 of 3 seeds)" in text
