@@ -55,6 +55,7 @@ class RunSpec:
     n_calib: int = 64  # N: calibration batches (GoRA, LoRA-GA)
     b_lr_max: float | None = None  # gorafit's --lr-b-max: lora_B's lr capped (not below lr); None: no cap
     compress_to: int | None = None  # after training, lower every rank above it by truncated SVD (gorafit export --max-rank)
+    head_lr: str | None = None  # "b": a new classification head trains at lora_B's (capped) lr; None: at the lr
 
     @property
     def label(self) -> str:
@@ -73,6 +74,8 @@ class RunSpec:
             parts.append(f"bmax{self.b_lr_max:g}")
         if self.compress_to is not None:
             parts.append(f"c{self.compress_to}")
+        if self.head_lr is not None:
+            parts.append(f"head{self.head_lr}")
         return "-".join(parts)
 
     @property

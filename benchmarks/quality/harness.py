@@ -221,12 +221,26 @@ def gora_plan(model, wl: Workload, spec: RunSpec, calib: list[dict]):
 
 def setup_gora(model, wl, spec, calib) -> Setup:
     from gorafit import apply_plan, create_optimizer
+    from gorafit.optim import effective_lr_ratio
 
     plan, plan_s, cached = gora_plan(model, wl, spec, calib)
     model = apply_plan(model, plan)
 
+    head = {id(p) for name, p in model.named_parameters() if p.requires_grad and "modules_to_save" in name}
+
     def make(lr: float) -> torch.optim.Optimizer:  # gorafit run's optimizer: lora_B at the (capped) ratio x lr
-        return create_optimizer(model, lr, lr_ratio=spec.ratio, lr_b_max=spec.b_lr_max, weight_decay=WEIGHT_DECAY)
+        optimizer = create_optimizer(model, lr, lr_ratio=spec.ratio, lr_b_max=spec.b_lr_max, weight_decay=WEIGHT_DECAY)
+        if spec.head_lr != "b" or not head:
+            return optimizer
+        b_lr = lr * effective_lr_ratio(lr, spec.ratio, spec.b_lr_max)  # the ablation: the head at lora_B's lr
+        groups = []
+        for g in optimizer.param_groups:
+            rest = [p for p in g["params"] if id(p) not in head]
+            moved = [p for p in g["params"] if id(p) in head]
+            settings = {k: v for k, v in g.items() if k != "params"}
+            groups += [{**settings, "params": rest}] if rest else []
+            groups += [{**settings, "params": moved, "lr": b_lr, "name": "head"}] if moved else []
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=WEIGHT_DECAY)
 
     def groups(lr: float):
         return [(g["params"], g["lr"] / lr) for g in make(lr).param_groups]

@@ -184,3 +184,18 @@ def test_the_serving_arms_run_and_the_report_sets_quality_beside_serving_cost(ti
     assert "## Quality vs serving cost" in text
     row = next(line for line in text.splitlines() if line.startswith("| GoRA compressed to 4 |"))
     assert "(n=2)" in row and row.endswith("| 3 of 3 |")  # seed 0 at 2 lrs, seed 1 at the better one
+
+
+def test_head_ablation_trains_a_new_head_at_lora_bs_capped_lr_and_nothing_else_moves(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "PLAN_CACHE", tmp_path / "plans")
+    lrs = {}
+    for head_lr in (None, "b"):
+        spec = RunSpec("nlu", "gora", 3.16e-4, 0, n_calib=2, b_lr_max=3e-3, max_rank=16, head_lr=head_lr)
+        setup, _, _ = harness.prepare(tiny, spec)
+        names = {id(p): n for n, p in setup.model.named_parameters()}
+        lrs[spec.label] = {names[id(p)]: g["lr"] for g in setup.make_optimizer(3.16e-4).param_groups for p in g["params"]}
+    plain, ablated = lrs["gora-x16-r4-16-n2-bmax0.003"], lrs["gora-x16-r4-16-n2-bmax0.003-headb"]
+    assert plain.keys() == ablated.keys()
+    heads = [n for n in plain if "classifier" in n]
+    assert heads and all(plain[n] == 3.16e-4 and ablated[n] == pytest.approx(3e-3) for n in heads)
+    assert all(plain[n] == ablated[n] for n in plain if n not in heads)
