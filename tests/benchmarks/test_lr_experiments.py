@@ -50,3 +50,18 @@ def test_default_lr_summary_compares_the_lrs_seed_by_seed():
     text = bench_default_lr.summary(record)
     assert "| 1 | 0.4200 | 0.3200 | 0.4300 | 0.3300 |" in text
     assert "lr 0.000316 minus lr 0.0001, seed by seed: -0.0167 ± 0.0252 (n=3; lr 0.000316 lower on 2 of 3 seeds)" in text
+
+
+def test_head_ablation_summary_pairs_each_cell_with_the_main_rows_same_lr_and_seed():
+    from benchmarks.quality.ablate_head import summary as head_summary
+
+    def rec(label, lr, seed, acc, used=None):
+        return {"label": label, "spec": {"lr": lr, "seed": seed}, "accuracy": acc, "lr_used": used or lr}
+
+    arm = [rec("g-headb", 3.16e-4, 0, 0.85), rec("g-headb", 3.16e-4, 1, 0.83), rec("g-headb", "auto", 0, 0.84, 3.16e-4)]
+    main = [rec("g", 3.16e-4, 0, 0.84), rec("g", 3.16e-4, 1, 0.84), rec("g", 1e-3, 0, 0.80), rec("other", 3.16e-4, 0, 0.1)]
+    text = head_summary(arm, main, "g")
+    assert "| 0.000316 | 0 | 84.00 | 85.00 | +1.00 |" in text
+    assert "| 0.000316 | 1 | 84.00 | 83.00 | -1.00 |" in text
+    assert "| auto | 0 | - | 84.00 (0.000316) | - |" in text  # no main-row auto run: no pair
+    assert "- lr 0.000316: head at lr 84.00 ± 0.00, at lora_B's lr 84.00 ± 1.41 (n=2)" in text
