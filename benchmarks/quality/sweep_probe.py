@@ -98,8 +98,8 @@ def summary(records: list[dict], best: dict[str, float], names: dict[str, str]) 
             if div:
                 ratios["divergence"].append(div / b)
             ratios["lowest"].append(low / b)
-        lines.append(f"| {names.get(r['label'], r['label'])} | {b:g} | {r['seed']} | " + " | ".join(cells) + " |"
-                     if b else f"| {r['label']} | - | {r['seed']} | " + " | ".join(cells) + " |")
+        row = [names.get(r["label"], r["label"]), f"{b:g}" if b else "-", str(r["seed"]), *cells]
+        lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     for point, values in ratios.items():
         if values:
