@@ -63,6 +63,11 @@ QUARTER_DECADE = 10 ** 0.25  # the lattice the walk moves on (half-decade steps,
 GAIN = 0.05  # a held-out loss this much (relative) below the start's: the probe saw learning, not noise
 EDGE = 0.03  # a held-out loss this much (relative) above the start's: the lr hurts (the stability edge)
 LR_BOUNDS = (1e-7, 1.0 + 1e-9)  # the walk never leaves these (1.0 itself included)
+# What a training step costs whatever its size (the optimizer step, clipping, the Python around each adapter
+# layer), in examples' worth of forward and backward. Fitted to the quality benchmark's run files (CPU,
+# SmolLM2-135M with LoRA-family adapters: 1.2 to 2.2 across methods); without it the probe's small steps cost
+# 1.5x per example what the run's steps do and the search overran its 10% share (8.0-14.0% on NLG).
+STEP_OVERHEAD = 2.0
 
 
 LEARNING_SEEN = "learning seen: the lowest held-out training loss after the short run"
@@ -154,20 +159,23 @@ def _list(value: object) -> list:
 
 # ------------------------------------------------------------------------------------------ range test
 def probe_steps_for_budget(train_steps: int, train_batch_size: int, probe_batch_size: int, held_out_examples: int,
-                           *, candidates: int = 7, share: float = 0.10) -> int:
+                           *, candidates: int = 7, share: float = 0.10, step_overhead: float = STEP_OVERHEAD) -> int:
     """How many probe steps per candidate keep the whole search within `share` of the training run's cost.
 
-    Cost is counted in example passes: a training step costs 3 per example (forward and backward), a
-    held-out forward pass 1. The search runs about `candidates` short runs plus one unscored start.
+    Cost is counted in example passes: a training step of `b` examples costs ``3 * (b + step_overhead)``
+    (forward and backward, plus the work every step does whatever its size), a held-out forward pass 1 per
+    example. The search runs about `candidates` short runs plus one unscored start.
 
     >>> probe_steps_for_budget(94, 32, 8, 32, candidates=6)
     4
+    >>> probe_steps_for_budget(200, 8, 2, 8)  # the small probe steps pay the step overhead more often
+    6
     >>> probe_steps_for_budget(10, 32, 8, 32)  # a run too short for any search within 10%: one step each
     1
     """
-    budget = share * 3 * train_steps * train_batch_size
+    budget = share * 3 * train_steps * (train_batch_size + step_overhead)
     per_candidate = budget / candidates - held_out_examples - held_out_examples / candidates
-    return max(1, int(per_candidate // (3 * probe_batch_size)))
+    return max(1, int(per_candidate // (3 * (probe_batch_size + step_overhead))))
 
 
 def probe_batches(n_rows: int, collate: Callable[[list[int]], dict], batch_size: int, train_steps: int, seed: int,

@@ -130,6 +130,20 @@ def test_the_probe_budget_shrinks_with_the_run():
     assert probe_steps_for_budget(5, 8, 8, 8) == 1
 
 
+@pytest.mark.parametrize("train_steps, batch, probe", [(94, 32, 8), (200, 8, 2), (1000, 16, 4), (60, 8, 2)])
+def test_the_search_fits_its_share_once_each_step_pays_its_overhead(train_steps, batch, probe):
+    from gorafit.lr_finder import STEP_OVERHEAD
+
+    steps = probe_steps_for_budget(train_steps, batch, probe, batch)
+    if steps == 1:  # the floor: a run too short for the budget still gets one step per candidate
+        return
+    search = 7 * steps * 3 * (probe + STEP_OVERHEAD) + 8 * batch  # 7 short runs, 8 held-out passes
+    training = train_steps * 3 * (batch + STEP_OVERHEAD)
+    assert search <= 0.10 * training
+    # one more step each would overrun it: the budget is used, not wasted
+    assert search + 7 * 3 * (probe + STEP_OVERHEAD) > 0.10 * training
+
+
 def test_probe_batches_come_from_training_rows_and_keep_the_held_out_batch_apart():
     from gorafit.lr_finder import probe_batches
     from goraplan.errors import GoraError
