@@ -27,7 +27,7 @@ from benchmarks.quality.grid import (
 )
 from benchmarks.quality.harness import AUTO_SHARE, COLLAPSE_SHARE, MAX_GRAD_NORM, WARMUP_RATIO, WEIGHT_DECAY
 from benchmarks.quality.stats import Cells, margin, mean_std, spearman
-from gorafit.lr_finder import EDGE, GAIN
+from gorafit.lr_finder import EDGE, GAIN, STEP_OVERHEAD
 from gorafit.optim import LR_DEFAULT
 from goraplan.files import write_text_atomic
 
@@ -388,7 +388,8 @@ def write_report(mode: Mode, stamp: dict) -> Path:
         f"candidate lowers the held-out loss by {GAIN:.0%} or more (learning seen), the lowest held-out loss wins; "
         f"if none does (a new head's plateau), gorafit's default lr {LR_DEFAULT:g} is kept and the edge recorded. "
         f"Each run file keeps the rule used. Its steps are "
-        f"sized to cost at most {AUTO_SHARE:.0%} of the run (counted in example passes); the seconds it took are "
+        f"sized to cost at most {AUTO_SHARE:.0%} of the run (counted in example passes, each step paying a fixed "
+        f"{STEP_OVERHEAD:g} examples' worth whatever its size); the seconds it took are "
         f"measured below.",
         f"- **Collapse**: a run that predicts one class (NLU) or one answer string (NLG) for at least "
         f"{COLLAPSE_SHARE:.0%} of the test set.",
