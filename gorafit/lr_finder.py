@@ -32,6 +32,7 @@ Two measurements, both on training batches only (never an evaluation or test set
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -212,15 +213,26 @@ def _default_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 
 def short_run(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Optimizer], lr: float,
               train_batches: Sequence[dict], held_out: Sequence[dict], *, max_grad_norm: float | None = 1.0,
-              loss_fn: Callable[[nn.Module, dict], torch.Tensor] = _default_loss) -> Candidate:
-    """Train on `train_batches` at constant `lr` with a fresh optimizer, then score `held_out`.
+              loss_fn: Callable[[nn.Module, dict], torch.Tensor] = _default_loss, warmup: bool = False,
+              start_state: dict | None = None) -> Candidate:
+    """Train on `train_batches` at `lr`, then score `held_out`. The optimizer is fresh, or starts from
+    `start_state` (its state dict, e.g. `settled_state`'s) with the lr still `lr`. With `warmup` the lr rises
+    linearly to `lr` over the batches (step t of k at ``lr * t / k``), as a run's warm-up does; else it is constant.
 
     The caller restores the weights afterwards (`find_lr` does)."""
     optimizer = make_optimizer(lr)
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    peak = [g["lr"] for g in optimizer.param_groups]
+    if start_state is not None:
+        optimizer.load_state_dict(copy.deepcopy(start_state))  # a copy: the steps below must not change it
+        for g, top in zip(optimizer.param_groups, peak, strict=True):
+            g["lr"] = top
     losses = []
     model.train()
-    for batch in train_batches:
+    for step, batch in enumerate(train_batches, start=1):
+        if warmup:
+            for g, top in zip(optimizer.param_groups, peak, strict=True):
+                g["lr"] = top * step / len(train_batches)
         loss = loss_fn(model, batch)
         if not torch.isfinite(loss):
             optimizer.zero_grad(set_to_none=True)
@@ -232,6 +244,28 @@ def short_run(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Op
         optimizer.zero_grad(set_to_none=True)
         losses.append(round(loss.item(), 6))
     return Candidate(lr, _mean_loss(model, held_out, loss_fn), losses)
+
+
+def settled_state(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Optimizer],
+                  batches: Sequence[dict], *, max_grad_norm: float | None = 1.0,
+                  loss_fn: Callable[[nn.Module, dict], torch.Tensor] = _default_loss) -> dict:
+    """The optimizer's state after steps on `batches` at lr 0: moments that have seen the gradients, weights that
+    have not moved. A fresh Adam's first steps are sign steps of full size on every coordinate, noise or signal;
+    a run's warm-up hides them behind a small lr, and so do these moments for a short run that starts from them."""
+    optimizer = make_optimizer(1.0)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+    model.train()
+    for batch in batches:
+        loss = loss_fn(model, batch)
+        if torch.isfinite(loss):
+            loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return copy.deepcopy(optimizer.state_dict())
 
 
 class _Snapshot:
@@ -252,7 +286,8 @@ def find_lr(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Opti
             train_batches: Sequence[dict], held_out: Sequence[dict], *, start: float = 1e-3,
             max_grad_norm: float | None = 1.0, tolerance: float = 1e-4, max_candidates: int | None = None,
             loss_fn: Callable[[nn.Module, dict], torch.Tensor] = _default_loss,
-            fallback: float = LR_DEFAULT) -> LrSearch:
+            fallback: float = LR_DEFAULT, warmup: bool = False,
+            settle_batches: Sequence[dict] = ()) -> LrSearch:
     """The range test: see the module's docstring for the two rules (`fallback`: the lr kept when no learning
     is seen).
 
@@ -262,7 +297,9 @@ def find_lr(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Opti
     with the weights it came with; its RNG state is restored so the real run that follows draws what it
     would have drawn without the search. At most `max_candidates` short runs (the budget
     `probe_steps_for_budget` sized the steps for): the walk stops two short of it, so that the quarter-decade
-    refinement still fits.
+    refinement still fits. `warmup`: each short run climbs linearly to its lr (`short_run`); `settle_batches`: each
+    short run starts from the optimizer state these batches leave at lr 0 (`settled_state`). Both off by default
+    (measured on NLG, not adopted: ``benchmarks/results/quality/probe-draws.md``).
     """
     if not train_batches or not held_out:
         raise ValueError("find_lr needs at least one training batch and one held-out batch")
@@ -279,7 +316,7 @@ def find_lr(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Opti
     def trial(k: int) -> Candidate:
         if k not in tried:
             tried[k] = short_run(model, make_optimizer, lr_at(k), train_batches, held_out,
-                                 max_grad_norm=max_grad_norm, loss_fn=loss_fn)
+                                 max_grad_norm=max_grad_norm, loss_fn=loss_fn, warmup=warmup, start_state=state)
             snapshot.restore()
         return tried[k]
 
@@ -294,6 +331,8 @@ def find_lr(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Opti
 
     try:
         start_loss = _mean_loss(model, held_out, loss_fn)
+        state = (settled_state(model, make_optimizer, settle_batches, max_grad_norm=max_grad_norm, loss_fn=loss_fn)
+                 if settle_batches else None)
 
         def hurts(k: int) -> bool:  # past the stability edge: the short run leaves the held-out loss clearly worse
             return trial(k).held_out_loss > start_loss * (1 + EDGE)

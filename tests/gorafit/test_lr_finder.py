@@ -240,3 +240,49 @@ def test_the_walk_stops_at_its_candidate_budget(start):
     assert len(search.candidates) <= 5
     if start == 1e-6:  # the loss falls by under 5% up to the walk's cap (3 half-decades): the default is kept
         assert len(search.candidates) == 3 and search.rule == NO_LEARNING_SEEN and search.chosen == LR_DEFAULT
+
+
+def test_a_warmed_up_short_run_climbs_to_its_lr_over_its_steps():
+    """With `warmup`, step t of k runs at lr * t / k, as a run's linear warm-up does; without it, at lr throughout.
+    The loss (w - 1)^2 with SGD from w = 0: a step at rate h moves w by 2 h (1 - w)."""
+    from gorafit.lr_finder import short_run
+
+    batches = [{"x": torch.ones(2)}] * 2
+    for warmup, rates in ((False, (0.1, 0.1)), (True, (0.05, 0.1))):
+        model = _Scalar()
+        short_run(model, lambda lr: torch.optim.SGD(model.parameters(), lr=lr), 0.1, batches, batches[:1],
+                  max_grad_norm=None, loss_fn=_scalar_loss, warmup=warmup)
+        w = 0.0
+        for h in rates:
+            w += 2 * h * (1 - w)
+        assert model.w.item() == pytest.approx(w)
+
+
+class _Linear(nn.Module):
+    """loss = w * sum(x): the gradient is the batch's sum, so batches of opposite signs are pure noise."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return (self.w * x.sum()).sum()
+
+
+def test_settled_moments_shrink_the_first_steps_on_noise_and_leave_the_weights_alone():
+    from gorafit.lr_finder import settled_state, short_run
+
+    model = _Linear()
+    adam = lambda lr: torch.optim.Adam(model.parameters(), lr=lr)  # noqa: E731
+    noise = [{"x": torch.ones(1)}, {"x": -torch.ones(1)}]
+    state = settled_state(model, adam, noise, max_grad_norm=None, loss_fn=_scalar_loss)
+    assert model.w.item() == 0.0  # lr 0: the moments moved, the weight did not
+    one = [{"x": torch.ones(1)}]
+    moved = []
+    for start in (None, state, state):  # the state is copied, not used up: the same start twice
+        with torch.no_grad():
+            model.w.zero_()
+        short_run(model, adam, 0.1, one, one, max_grad_norm=None, loss_fn=_scalar_loss, start_state=start)
+        moved.append(-model.w.item())
+    assert moved[0] == pytest.approx(0.1)  # a fresh Adam's first step: the full lr, whatever the gradient's size
+    assert moved[1] == pytest.approx(moved[2]) and 0 < moved[1] < 0.5 * 0.1  # m averages +1, -1, +1: about 0.34 lr
