@@ -81,7 +81,10 @@ def summary(records: list[dict], runs: list[dict], names: dict[str, str]) -> str
     lines = ["# `--lr auto` on NLG: the choice against the draw of the probe's rows", "",
              "The model's seed (its adapter's start) is fixed; only the probe's rows are redrawn (draw 0 is what the "
              "run used). Variants: probe batch x held-out training rows, steps per candidate sized to the same 10 % "
-             "budget. 'EM at choice': the exact match of the benchmark's run at that lr and seed (grid or auto) where one exists ('-' where not).", "",
+             "budget. `now`: today's probe (batches of 2, 8 held-out rows); `held16`/`held32`: more held-out rows; `b4`/`b8`: "
+             "probe batches of 4 or 8; `warm`/`warm32`: each short run's lr climbs linearly over its steps; `settle`: each "
+             "short run starts from Adam moments settled at lr 0 on as many other probe batches (one more candidate's "
+             "worth of the budget). 'EM at choice': the exact match of the benchmark's run at that lr and seed (grid or auto) where one exists ('-' where not).", "",
              "| method | seed | grid-best lr | variant | steps | chosen lr by draw | quarter-decades from best | "
              "EM at choice (%) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -130,7 +133,31 @@ def summary(records: list[dict], runs: list[dict], names: dict[str, str]) -> str
             ours, now = zip(*pairs, strict=True)
             lines.append(f"| {variant} | {len(pairs)} | {statistics.mean(ours):.2f} | {statistics.mean(now):.2f} | "
                          f"{sum(x > 2.5 for x in ours)} | {sum(x > 2.5 for x in now)} |")
+    lines += ["", "Read again with another last step (offline, on the same candidates): the largest lr whose held-out loss is "
+              "within `tol` of the lowest, when learning was seen (the usual remedy for a short probe's pull towards "
+              "small lrs). Mean distance from the grid best in quarter-decades, and choices more than 2 away.", "",
+              "| variant | searches | " + " | ".join(f"tol {t:.0%}" for t in TOLERANCES) + " |",
+              "|---|---|" + "---|" * len(TOLERANCES)]
+    for variant in sorted({r["variant"] for r in records}):
+        rows = [r for r in records if r["variant"] == variant and cells.best_lr(r["label"])]
+        cols = []
+        for tol in TOLERANCES:
+            d = [abs(4 * math.log10(within(r["search"], tol) / cells.best_lr(r["label"]))) for r in rows]
+            cols.append(f"{statistics.mean(d):.2f} ({sum(x > 2.5 for x in d)})")
+        lines.append(f"| {variant} | {len(rows)} | " + " | ".join(cols) + " |")
     return "\n".join(lines) + "\n"
+
+
+TOLERANCES = (0.0, 0.02, 0.05, 0.10)
+
+
+def within(search: dict, tol: float) -> float:
+    """The search's choice if the last step took the largest lr within `tol` (relative) of the lowest held-out loss."""
+    finite = [c for c in search["candidates"] if c["held_out_loss"] is not None]
+    lowest = min((c["held_out_loss"] for c in finite), default=math.inf)
+    if not lowest < search["start_loss"] * (1 - search["extra"]["gain_needed"]):
+        return search["chosen"]  # no learning seen: the default was kept
+    return max(c["lr"] for c in finite if c["held_out_loss"] <= lowest * (1 + tol))
 
 
 def main() -> None:

@@ -250,8 +250,8 @@ def test_a_warmed_up_short_run_climbs_to_its_lr_over_its_steps():
     batches = [{"x": torch.ones(2)}] * 2
     for warmup, rates in ((False, (0.1, 0.1)), (True, (0.05, 0.1))):
         model = _Scalar()
-        short_run(model, lambda lr: torch.optim.SGD(model.parameters(), lr=lr), 0.1, batches, batches[:1],
-                  max_grad_norm=None, loss_fn=_scalar_loss, warmup=warmup)
+        sgd = lambda lr, m=model: torch.optim.SGD(m.parameters(), lr=lr)  # noqa: E731
+        short_run(model, sgd, 0.1, batches, batches[:1], max_grad_norm=None, loss_fn=_scalar_loss, warmup=warmup)
         w = 0.0
         for h in rates:
             w += 2 * h * (1 - w)
