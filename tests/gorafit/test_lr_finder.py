@@ -286,3 +286,16 @@ def test_settled_moments_shrink_the_first_steps_on_noise_and_leave_the_weights_a
         moved.append(-model.w.item())
     assert moved[0] == pytest.approx(0.1)  # a fresh Adam's first step: the full lr, whatever the gradient's size
     assert moved[1] == pytest.approx(moved[2]) and 0 < moved[1] < 0.5 * 0.1  # m averages +1, -1, +1: about 0.34 lr
+
+
+def test_a_search_from_settled_moments_still_finds_the_best_lr_and_puts_everything_back():
+    model = _Scalar()
+    batches = [{"x": torch.ones(2)}] * 3
+    adam = lambda lr: torch.optim.Adam(model.parameters(), lr=lr)  # noqa: E731
+    plain = find_lr(model, adam, batches, batches[:1], max_grad_norm=None, loss_fn=_scalar_loss)
+    settled = find_lr(model, adam, batches, batches[:1], max_grad_norm=None, loss_fn=_scalar_loss,
+                      settle_batches=batches)
+    assert model.w.item() == 0.0 and model.w.grad is None
+    # a steady gradient: settled moments give the same sign steps of the full lr, so the same choice (w 0 -> 1 in 3
+    # steps of lr: about 0.33)
+    assert settled.chosen == plain.chosen and 0.33 / QUARTER_DECADE < settled.chosen < 0.33 * QUARTER_DECADE
