@@ -233,17 +233,24 @@ def short_run(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Op
         if warmup:
             for g, top in zip(optimizer.param_groups, peak, strict=True):
                 g["lr"] = top * step / len(train_batches)
-        loss = loss_fn(model, batch)
-        if not torch.isfinite(loss):
-            optimizer.zero_grad(set_to_none=True)
+        loss = _train_step(model, optimizer, params, batch, max_grad_norm, loss_fn)
+        if not math.isfinite(loss):
             return Candidate(lr, math.inf, losses + [math.inf])
+        losses.append(round(loss, 6))
+    return Candidate(lr, _mean_loss(model, held_out, loss_fn), losses)
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], batch: dict,
+                max_grad_norm: float | None, loss_fn: Callable[[nn.Module, dict], torch.Tensor]) -> float:
+    """One step (forward, backward, clip, step) and its loss; a non-finite loss takes no step."""
+    loss = loss_fn(model, batch)
+    if torch.isfinite(loss):
         loss.backward()
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(round(loss.item(), 6))
-    return Candidate(lr, _mean_loss(model, held_out, loss_fn), losses)
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item() if torch.isfinite(loss) else math.inf
 
 
 def settled_state(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Optimizer],
@@ -258,13 +265,7 @@ def settled_state(model: nn.Module, make_optimizer: Callable[[float], torch.opti
         g["lr"] = 0.0
     model.train()
     for batch in batches:
-        loss = loss_fn(model, batch)
-        if torch.isfinite(loss):
-            loss.backward()
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _train_step(model, optimizer, params, batch, max_grad_norm, loss_fn)
     return copy.deepcopy(optimizer.state_dict())
 
 

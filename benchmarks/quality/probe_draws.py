@@ -38,12 +38,18 @@ from goraplan.files import write_json_atomic, write_text_atomic  # noqa: E402
 
 OUT = RESULTS / "probe-draws"
 # name -> (probe batch, held-out rows): the run's today (a quarter of its batch; one batch held out), and wider
-VARIANTS = {"now": (2, 8), "held16": (2, 16), "held32": (2, 32), "warm": (2, 8), "warm32": (2, 32), "b4": (4, 8), "b8": (8, 8),
-            "settle": (2, 8), "settle-b4": (4, 8)}
-WARMUP = {"warm", "warm32"}  # variants whose short runs warm up linearly over their steps, as the run does
+VARIANTS = {"now": (2, 8), "held32": (2, 32), "warm": (2, 8), "b4": (4, 8), "b8": (8, 8), "settle": (2, 8),
+            "settle-b4": (4, 8)}
+WARMUP = {"warm"}  # variants whose short runs warm up linearly over their steps, as the run does
 # variants whose short runs start from Adam moments settled at lr 0 on as many other probe batches (one more
 # candidate's worth of the budget)
 SETTLE = {"settle", "settle-b4"}
+FAR = 2.5  # a choice more than 2 quarter-decades (grid steps) from the grid best
+
+
+def quarter_decades(lr: float, best: float) -> float:
+    """How many grid steps (quarter-decades) `lr` lies from `best`."""
+    return abs(4 * math.log10(lr / best))
 
 
 def probe_data(wl: harness.Workload, seed: int, draw: int, probe: int, held: int, settle: bool = False
@@ -81,10 +87,13 @@ def summary(records: list[dict], runs: list[dict], names: dict[str, str]) -> str
     lines = ["# `--lr auto` on NLG: the choice against the draw of the probe's rows", "",
              "The model's seed (its adapter's start) is fixed; only the probe's rows are redrawn (draw 0 is what the "
              "run used). Variants: probe batch x held-out training rows, steps per candidate sized to the same 10 % "
-             "budget. `now`: today's probe (batches of 2, 8 held-out rows); `held16`/`held32`: more held-out rows; `b4`/`b8`: "
-             "probe batches of 4 or 8; `warm`/`warm32`: each short run's lr climbs linearly over its steps; `settle`: each "
-             "short run starts from Adam moments settled at lr 0 on as many other probe batches (one more candidate's "
-             "worth of the budget). 'EM at choice': the exact match of the benchmark's run at that lr and seed (grid or auto) where one exists ('-' where not).", "",
+             "budget. `now`: today's probe (batches of 2, 8 held-out rows); `held32`: 32 held-out rows; `b4`/`b8`: "
+             "probe batches of 4 or 8; `warm`: each short run's lr climbs linearly over its steps; `settle` and "
+             "`settle-b4` (batches of 4): each short run starts from Adam moments settled at lr 0 on as many other "
+             "probe batches (one more candidate's worth of the budget). A variant that needs more rows than `now` "
+             "takes a longer slice of the order, so its draw d shares the held-out rows with `now`'s only at d = 0. "
+             "'EM at choice': the exact match of the benchmark's run at that lr and seed (grid or auto) where one "
+             "exists ('-' where not).", "",
              "| method | seed | grid-best lr | variant | steps | chosen lr by draw | quarter-decades from best | "
              "EM at choice (%) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -99,25 +108,26 @@ def summary(records: list[dict], runs: list[dict], names: dict[str, str]) -> str
         rs.sort(key=lambda r: r["draw"])
         best = cells.best_lr(label)
         chosen = [r["search"]["chosen"] for r in rs]
-        scores = []
+        scores = []  # exact match % at each choice, None without a run
         for lr in chosen:
             at_seed = [rec["accuracy"] for rec in runs if rec["label"] == label and rec["spec"]["seed"] == seed
                        and nearly(rec["lr_used"], lr)]
-            scores.append(f"{100 * at_seed[0]:.1f}" if at_seed else "-")
+            scores.append(100 * at_seed[0] if at_seed else None)
         logs = [math.log10(c) for c in chosen]
         spread.setdefault(variant, []).append(statistics.pstdev(logs) if len(logs) > 1 else 0.0)
-        off = [abs(4 * math.log10(c / best)) for c in chosen] if best else []
+        off = [quarter_decades(c, best) for c in chosen] if best else []
         distance.setdefault(variant, []).extend(off)
-        known.setdefault(variant, []).extend(float(x) for x in scores if x != "-")
+        known.setdefault(variant, []).extend(x for x in scores if x is not None)
         row = [names.get(label, label), str(seed), f"{best:g}" if best else "-", variant, str(rs[0]["steps"]),
-               ", ".join(f"{c:.3g}" for c in chosen), ", ".join(f"{x:.0f}" for x in off) or "-", ", ".join(scores)]
+               ", ".join(f"{c:.3g}" for c in chosen), ", ".join(f"{x:.0f}" for x in off) or "-",
+               ", ".join("-" if x is None else f"{x:.1f}" for x in scores)]
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     for variant, values in spread.items():
         d, em = distance[variant], known[variant]
         lines.append(f"- {variant}: spread of log10(chosen lr) over draws, mean over rows {statistics.mean(values):.2f} "
                      f"decades ({len(values)} rows); from the grid best: mean {statistics.mean(d):.2f} quarter-decades, "
-                     f"{sum(x > 2.5 for x in d)} of {len(d)} choices more than 2 away; EM at the {len(em)} choices with "
+                     f"{sum(x > FAR for x in d)} of {len(d)} choices more than 2 away; EM at the {len(em)} choices with "
                      f"a run: mean {statistics.mean(em) if em else float('nan'):.1f}, min {min(em, default=float('nan')):.1f}")
     lines += ["", "Paired with `now` on the same (method, seed, draw): mean distance from the grid best in quarter-decades, "
               "and how many choices are more than 2 away.", "", "| variant | searches | distance: variant | now | >2 away: variant | now |",
@@ -128,11 +138,11 @@ def summary(records: list[dict], runs: list[dict], names: dict[str, str]) -> str
         for (label, seed, draw, v), r in by_key.items():
             base, best = by_key.get((label, seed, draw, "now")), cells.best_lr(label)
             if v == variant and base and best:
-                pairs.append(tuple(abs(4 * math.log10(x["search"]["chosen"] / best)) for x in (r, base)))
+                pairs.append(tuple(quarter_decades(x["search"]["chosen"], best) for x in (r, base)))
         if pairs:
             ours, now = zip(*pairs, strict=True)
             lines.append(f"| {variant} | {len(pairs)} | {statistics.mean(ours):.2f} | {statistics.mean(now):.2f} | "
-                         f"{sum(x > 2.5 for x in ours)} | {sum(x > 2.5 for x in now)} |")
+                         f"{sum(x > FAR for x in ours)} | {sum(x > FAR for x in now)} |")
     lines += ["", "Read again with another last step (offline, on the same candidates): the largest lr whose held-out loss is "
               "within `tol` of the lowest, when learning was seen (the usual remedy for a short probe's pull towards "
               "small lrs). Mean distance from the grid best in quarter-decades, and choices more than 2 away.", "",
@@ -142,8 +152,8 @@ def summary(records: list[dict], runs: list[dict], names: dict[str, str]) -> str
         rows = [r for r in records if r["variant"] == variant and cells.best_lr(r["label"])]
         cols = []
         for tol in TOLERANCES:
-            d = [abs(4 * math.log10(within(r["search"], tol) / cells.best_lr(r["label"]))) for r in rows]
-            cols.append(f"{statistics.mean(d):.2f} ({sum(x > 2.5 for x in d)})")
+            d = [quarter_decades(within(r["search"], tol), cells.best_lr(r["label"])) for r in rows]
+            cols.append(f"{statistics.mean(d):.2f} ({sum(x > FAR for x in d)})")
         lines.append(f"| {variant} | {len(rows)} | " + " | ".join(cols) + " |")
     return "\n".join(lines) + "\n"
 
