@@ -8,8 +8,11 @@ GoRA's B/A ratio, the clip, AdamW itself), and only the training side has all of
 Two measurements, both on training batches only (never an evaluation or test set):
 
 - **Range test** (what ``--lr auto`` uses). From the same starting weights, train ``k`` short steps at a
-  candidate lr with a fresh optimizer, score the loss on held-out *training* batches, put the weights
-  back. The walk moves in half-decade steps from a start value to bracket the *stability edge* (the
+  candidate lr, score the loss on held-out *training* batches, put the weights back. Every short run's
+  optimizer starts from the same moments, settled at lr 0 on ``k`` other training batches: a fresh Adam's
+  first steps are sign steps of the full lr on every coordinate, which a real run's warm-up hides and a
+  short probe would not, so they would make small lrs look best on an adapter whose start already helps
+  (GoRA's, measured on NLG: docs/method.md §10). The walk moves in half-decade steps from a start value to bracket the *stability edge* (the
   largest lr whose held-out loss stays within `EDGE` of the start's), then chooses by one of two rules:
 
   - *learning seen*: some candidate lowers the held-out loss by at least `GAIN`. The walk goes on
@@ -38,6 +41,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -49,6 +53,7 @@ from goraplan.errors import GoraError
 __all__ = [
     "Candidate",
     "LrSearch",
+    "ProbeBatches",
     "find_lr",
     "probe_batches",
     "probe_steps_for_budget",
@@ -126,7 +131,7 @@ class LrSearch:
         extra = data.get("extra", {})
         if not isinstance(extra, dict):
             raise TypeError("extra is not an object")
-        for key in ("edge", "edge_tolerance", "gain_needed"):
+        for key in ("edge", "edge_tolerance", "gain_needed", "settle_steps"):
             if extra.get(key) is not None:
                 _number(extra[key], f"extra.{key}")
         rule = data.get("rule", LEARNING_SEEN)
@@ -179,22 +184,34 @@ def probe_steps_for_budget(train_steps: int, train_batch_size: int, probe_batch_
     return max(1, int(per_candidate // (3 * (probe_batch_size + step_overhead))))
 
 
+class ProbeBatches(NamedTuple):
+    """The range test's data (`probe_batches`): batches that settle the optimizer's moments, the short runs'
+    batches, and the held-out batches that score them."""
+
+    settle: list[dict]
+    train: list[dict]
+    held_out: list[dict]
+
+
 def probe_batches(n_rows: int, collate: Callable[[list[int]], dict], batch_size: int, train_steps: int, seed: int,
-                  *, share: float = 0.10, candidates: int = 7) -> tuple[list[dict], list[dict]]:
-    """The range test's data, from the training set only: one held-out batch of `batch_size` examples and
-    short-run batches of a quarter of it, as many as keep the search within `share` of the training run
-    (`probe_steps_for_budget`). Rows are drawn from the end of the seed's permutation; `collate(indices)`
-    turns row indices into a batch.
+                  *, share: float = 0.10, candidates: int = 7) -> ProbeBatches:
+    """The range test's data, from the training set only: one held-out batch of `batch_size` examples and two sets
+    of short-run batches of a quarter of it, one to settle the optimizer's moments (`settled_state`) and one that
+    every candidate trains on. Their steps are as many as keep the search within `share` of the training run
+    (`probe_steps_for_budget`, the settling counted as one more candidate). Rows are drawn from the end of the
+    seed's permutation; `collate(indices)` turns row indices into a batch.
     """
     probe = max(1, batch_size // 4)
-    steps = probe_steps_for_budget(train_steps, batch_size, probe, batch_size, candidates=candidates, share=share)
-    need = batch_size + steps * probe
+    steps = probe_steps_for_budget(train_steps, batch_size, probe, batch_size, candidates=candidates + 1, share=share)
+    need = batch_size + 2 * steps * probe
     if n_rows < need:
-        raise GoraError(f"--lr auto needs at least {need} training examples ({steps} probe steps of {probe} and "
-                        f"a held-out batch of {batch_size}); the data has {n_rows}: give more data or a number")
+        raise GoraError(f"--lr auto needs at least {need} training examples (twice {steps} probe steps of {probe}, "
+                        f"to settle the optimizer and to train, and a held-out batch of {batch_size}); the data has "
+                        f"{n_rows}: give more data or a number")
     order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed)).tolist()
-    held, train = order[-batch_size:], order[-need:-batch_size]
-    return [collate(train[i:i + probe]) for i in range(0, len(train), probe)], [collate(held)]
+    held, short = order[-batch_size:], order[-need:-batch_size]
+    batches = [collate(short[i:i + probe]) for i in range(0, len(short), probe)]
+    return ProbeBatches(settle=batches[:steps], train=batches[steps:], held_out=[collate(held)])
 
 
 def _mean_loss(model: nn.Module, batches: Sequence[dict], loss_fn: Callable[[nn.Module, dict], torch.Tensor]) -> float:
@@ -298,9 +315,10 @@ def find_lr(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Opti
     with the weights it came with; its RNG state is restored so the real run that follows draws what it
     would have drawn without the search. At most `max_candidates` short runs (the budget
     `probe_steps_for_budget` sized the steps for): the walk stops two short of it, so that the quarter-decade
-    refinement still fits. `warmup`: each short run climbs linearly to its lr (`short_run`); `settle_batches`: each
-    short run starts from the optimizer state these batches leave at lr 0 (`settled_state`). Both off by default
-    (measured on NLG, not adopted: ``benchmarks/results/quality/probe-draws.md``).
+    refinement still fits. `settle_batches`: each short run starts from the optimizer state these batches leave at
+    lr 0 (`settled_state`; ``--lr auto`` passes them, `search_training_data`); without them it starts fresh.
+    `warmup`: each short run climbs linearly to its lr (`short_run`); off by default (measured on NLG, not adopted:
+    ``benchmarks/results/quality/probe-draws.md``).
     """
     if not train_batches or not held_out:
         raise ValueError("find_lr needs at least one training batch and one held-out batch")
@@ -398,17 +416,18 @@ def search_training_data(model: nn.Module, rows: Sequence[dict], collate: Callab
                          train_steps: int, seed: int, max_grad_norm: float | None = 1.0,
                          share: float = 0.10, candidates: int = 7, fallback: float = LR_DEFAULT) -> LrSearch:
     """`find_lr` as ``gorafit run --lr auto`` runs it: on `rows` of the training set only (`probe_batches`),
-    moved to the model's device, with the run's own optimizer factory."""
+    moved to the model's device, with the run's own optimizer factory, from settled moments."""
     device = next(p.device for p in model.parameters())
 
     def batch(indices: list[int]) -> dict:
         collated = collate([rows[i] for i in indices])
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collated.items()}
 
-    train, held = probe_batches(len(rows), batch, batch_size, train_steps, seed, share=share, candidates=candidates)
-    search = find_lr(model, make_optimizer, train, held, max_grad_norm=max_grad_norm, max_candidates=candidates,
-                     fallback=fallback)
-    search.extra.update(train_steps=train_steps, batch_size=batch_size, share_budget=share)
+    probe = probe_batches(len(rows), batch, batch_size, train_steps, seed, share=share, candidates=candidates)
+    search = find_lr(model, make_optimizer, probe.train, probe.held_out, max_grad_norm=max_grad_norm,
+                     max_candidates=candidates, fallback=fallback, settle_batches=probe.settle)
+    search.extra.update(train_steps=train_steps, batch_size=batch_size, share_budget=share,
+                        settle_steps=len(probe.settle))
     return search
 
 
@@ -492,6 +511,9 @@ def format_lr_search(search: LrSearch) -> str:
              f"{search.steps_per_candidate} steps each of {search.probe_batch_size} examples, "
              f"{search.held_out_batches} held-out training batches, {search.seconds:.1f} s",
              f"  {'lr':>10}  {'held-out loss':>13}", f"  {'0 (start)':>10}  {search.start_loss:>13.4f}"]
+    if search.extra.get("settle_steps"):
+        lines.insert(1, f"  each short run starts from AdamW moments settled at lr 0 on {search.extra['settle_steps']:.0f} "
+                        f"other training batches")
     for c in search.candidates:
         loss = "diverged" if c.diverged else f"{c.held_out_loss:.4f}"
         lines.append(f"  {c.lr:>10.3g}  {loss:>13}{'  <- chosen' if c.lr == search.chosen else ''}")

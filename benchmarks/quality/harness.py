@@ -303,11 +303,11 @@ def train_and_evaluate(wl: Workload, spec: RunSpec, *, log_every: int = 1) -> di
     lr = spec.lr
     if spec.auto:
         cpu_auto = time.process_time()
-        probe_train, probe_held = probe_batches(
+        probe = probe_batches(
             len(wl.train_rows), lambda ix: wl.collate([wl.train_rows[i] for i in ix]), wl.batch_size, wl.steps,
             spec.seed, share=AUTO_SHARE, candidates=AUTO_CANDIDATES)
-        search = find_lr(model, setup.make_optimizer, probe_train, probe_held, max_grad_norm=MAX_GRAD_NORM,
-                         max_candidates=AUTO_CANDIDATES)
+        search = find_lr(model, setup.make_optimizer, probe.train, probe.held_out, max_grad_norm=MAX_GRAD_NORM,
+                         max_candidates=AUTO_CANDIDATES, settle_batches=probe.settle)
         lr, auto_s, auto_cpu_s = search.chosen, search.seconds, time.process_time() - cpu_auto
 
     # ---- optimizer: AdamW, cosine decay with 3% warm-up over one epoch

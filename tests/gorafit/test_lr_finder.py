@@ -116,12 +116,14 @@ def test_on_a_tiny_lora_model_the_search_is_kept_and_shown(tmp_path):
     assert search.chosen in [c.lr for c in search.candidates] or (search.rule, search.chosen) == (NO_LEARNING_SEEN,
                                                                                                    LR_DEFAULT)
     assert search.probe_batch_size == 2 and search.held_out_batches == 1 and search.extra["train_steps"] == 40
+    assert search.extra["settle_steps"] == search.steps_per_candidate  # as many settling steps as each short run
     save_lr_search(tmp_path / "lr_search.json", search, plot_path=tmp_path / "lr_search.png", title="tiny")
     again = read_lr_search(tmp_path / "lr_search.json")
     assert again.chosen == search.chosen and [c.lr for c in again.candidates] == [c.lr for c in search.candidates]
     assert (tmp_path / "lr_search.png").read_bytes()[:4] == b"\x89PNG"
     text = format_lr_search(again)
     assert f"{search.chosen:.3g}" in text and ("<- chosen" in text or "the default" in text)
+    assert f"settled at lr 0 on {search.steps_per_candidate} other training batches" in text
     assert read_lr_search(tmp_path / "elsewhere.json") is None
 
 
@@ -132,25 +134,30 @@ def test_the_probe_budget_shrinks_with_the_run():
 
 @pytest.mark.parametrize("train_steps, batch, probe", [(94, 32, 8), (200, 8, 2), (1000, 16, 4)])
 def test_the_search_fits_its_share_once_each_step_pays_its_overhead(train_steps, batch, probe):
-    from gorafit.lr_finder import STEP_OVERHEAD
+    from gorafit.lr_finder import STEP_OVERHEAD, probe_batches
 
-    steps = probe_steps_for_budget(train_steps, batch, probe, batch)
+    settle, train, held = probe_batches(10_000, lambda ix: {"ix": torch.tensor(ix)}, batch, train_steps, seed=0)
+    steps = len(train)
     assert steps > 1  # above the one-step floor (test_the_probe_budget_shrinks_with_the_run), so the budget binds
-    search = 7 * steps * 3 * (probe + STEP_OVERHEAD) + 8 * batch  # 7 short runs, 8 held-out passes
+    # 7 short runs and the settling run, each of `steps` steps; 8 held-out passes
+    search = 8 * steps * 3 * (probe + STEP_OVERHEAD) + 8 * batch
     training = train_steps * 3 * (batch + STEP_OVERHEAD)
     assert search <= 0.10 * training
-    # one more step each would overrun it: the budget is used, not wasted
-    assert search + 7 * 3 * (probe + STEP_OVERHEAD) > 0.10 * training
+    # one more step each would overrun it: the budget is used, not wasted (but for one held-out pass: the sizing
+    # counts the settling run as a candidate, and it is scored on nothing)
+    assert search + 8 * 3 * (probe + STEP_OVERHEAD) + batch > 0.10 * training
 
 
 def test_probe_batches_come_from_training_rows_and_keep_the_held_out_batch_apart():
     from gorafit.lr_finder import probe_batches
     from goraplan.errors import GoraError
 
-    train, held = probe_batches(3000, lambda ix: {"ix": torch.tensor(ix)}, 32, 94, seed=0)
-    train_ix = torch.cat([b["ix"] for b in train]).tolist()
-    assert [len(b["ix"]) for b in train] == [8] * len(train) and len(held) == 1 and len(held[0]["ix"]) == 32
-    assert not set(train_ix) & set(held[0]["ix"].tolist()) and len(set(train_ix)) == len(train_ix)
+    settle, train, held = probe_batches(3000, lambda ix: {"ix": torch.tensor(ix)}, 32, 94, seed=0)
+    short_ix = torch.cat([b["ix"] for b in settle + train]).tolist()
+    assert [len(b["ix"]) for b in settle + train] == [8] * (len(short_ix) // 8) and len(settle) == len(train) >= 1
+    assert len(held) == 1 and len(held[0]["ix"]) == 32
+    # three disjoint sets of rows: what settles the moments is never what a candidate trains on or is scored on
+    assert not set(short_ix) & set(held[0]["ix"].tolist()) and len(set(short_ix)) == len(short_ix)
     with pytest.raises(GoraError, match="--lr auto needs at least"):
         probe_batches(20, lambda ix: {}, 32, 94, seed=0)
 
