@@ -27,7 +27,7 @@ from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
 from benchmarks.quality.grid import LORA_ALPHA, LORA_RANK, RunSpec
-from gorafit.lr_finder import find_lr, hessian_top_eigenvalue, probe_batches
+from gorafit.lr_finder import LrSearch, hessian_top_eigenvalue, search_training_data
 
 # A run "collapses" when it predicts one class (NLU) or one answer (NLG) for at least this share of the
 # held-out set: it has stopped reading its input.
@@ -290,6 +290,14 @@ def adapter_delta_norm(model: nn.Module) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------------- one run
+def auto_search(wl: Workload, setup: Setup, seed: int) -> LrSearch:
+    """``--lr auto``'s range test exactly as ``gorafit run`` calls it (`search_training_data`: its probe data,
+    settled moments and budget), on `wl`'s training rows; the model leaves with its weights unchanged."""
+    return search_training_data(setup.model, wl.train_rows, wl.collate, setup.make_optimizer,
+                                batch_size=wl.batch_size, train_steps=wl.steps, seed=seed,
+                                max_grad_norm=MAX_GRAD_NORM, share=AUTO_SHARE, candidates=AUTO_CANDIDATES)
+
+
 def train_and_evaluate(wl: Workload, spec: RunSpec, *, log_every: int = 1) -> dict:
     """Train `spec.method` for one epoch of `wl` at `spec.lr` (or the range test's lr) with `spec.seed`."""
     cpu0 = time.process_time()  # CPU seconds: on a shared machine they, not wall seconds, measure cost
@@ -303,11 +311,7 @@ def train_and_evaluate(wl: Workload, spec: RunSpec, *, log_every: int = 1) -> di
     lr = spec.lr
     if spec.auto:
         cpu_auto = time.process_time()
-        probe = probe_batches(
-            len(wl.train_rows), lambda ix: wl.collate([wl.train_rows[i] for i in ix]), wl.batch_size, wl.steps,
-            spec.seed, share=AUTO_SHARE, candidates=AUTO_CANDIDATES)
-        search = find_lr(model, setup.make_optimizer, probe.train, probe.held_out, max_grad_norm=MAX_GRAD_NORM,
-                         max_candidates=AUTO_CANDIDATES, settle_batches=probe.settle)
+        search = auto_search(wl, setup, spec.seed)
         lr, auto_s, auto_cpu_s = search.chosen, search.seconds, time.process_time() - cpu_auto
 
     # ---- optimizer: AdamW, cosine decay with 3% warm-up over one epoch

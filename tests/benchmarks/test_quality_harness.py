@@ -49,6 +49,9 @@ def test_auto_chooses_from_training_batches_and_keeps_every_candidate(tiny, tmp_
     # every candidate lies on the grid's quarter-decade lattice, so auto's pick is also a grid cell
     lattice_points = set(lattice(-28, 28))
     assert all(c["lr"] in lattice_points for c in search["candidates"])
+    # the benchmark runs gorafit's own search: short runs from settled moments, sized on the run's steps
+    assert search["extra"]["settle_steps"] == search["steps_per_candidate"] >= 1
+    assert search["extra"]["train_steps"] == tiny.steps and search["extra"]["share_budget"] == 0.10
     assert record["auto_cpu_s"] > 0 and record["cpu_s"] >= record["auto_cpu_s"] + record["train_cpu_s"] - 0.01
     assert record["auto_share"] == pytest.approx(record["auto_cpu_s"] / record["train_cpu_s"], rel=1e-2)
 

@@ -1,0 +1,97 @@
+"""`--lr auto`'s choice alone, without its training run, for every method and seed of one workload.
+
+A change to the range test's rule changes every `--lr auto` run. Where the new rule chooses the lr that an auto
+run already trained at, that run is close to what a new one would be: the search puts the weights back, so the
+training that follows is the grid run at that lr and seed. Measured on 2026-12-01: the 27 NLU auto runs made again
+with settled moments chose the lr of the old ones and scored the same accuracy to the last digit; the 15 NLU auto
+runs whose lr and seed are also a grid cell score that cell's accuracy exactly. NLG is looser: of 10 such pairs, 7
+agree within one example of 500 and 4e-5 in completion loss, and 3 trained near the stability edge drift apart
+(up to 2.2 points), float rounding amplified by a large step. This script runs the search alone
+(`harness.auto_search`, what an auto run does first) and puts its choice and cost beside the auto runs in
+`--against`.
+
+Each search is one JSON file under `auto-searches/`, so a rerun resumes; the summary is `auto-searches-WORKLOAD.md`.
+
+    python benchmarks/quality/auto_searches.py --workload nlu --against superseded/auto-fresh-adam [--report-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.quality import harness, workloads  # noqa: E402
+from benchmarks.quality.grid import AUTO, MODES, RESULTS  # noqa: E402
+from goraplan.files import write_json_atomic, write_text_atomic  # noqa: E402
+
+OUT = RESULTS / "auto-searches"
+
+
+def search(wl: harness.Workload, spec) -> dict:
+    setup, _, _ = harness.prepare(wl, spec)
+    cpu0 = time.process_time()
+    found = harness.auto_search(wl, setup, spec.seed)
+    return {"run_id": spec.run_id, "label": spec.label, "seed": spec.seed,
+            "cpu_s": round(time.process_time() - cpu0, 3), "search": found.to_dict()}
+
+
+def summary(records: list[dict], against: Path) -> str:
+    lines = [f"# `--lr auto`'s search alone, against the auto runs in `{against.relative_to(RESULTS)}`", "",
+             "Each row: the search as `--lr auto` runs it now (no training run), and the auto run made before. "
+             "'share': the search's CPU seconds over that run's training CPU seconds.", "",
+             "| run | chosen now | rule now | steps now | search CPU s | share | the run's lr | same lr |",
+             "|---|---|---|---|---|---|---|---|"]
+    same = 0
+    for r in records:
+        s = r["search"]
+        path = against / f"{r['run_id']}.json"
+        run = json.loads(path.read_text()) if path.is_file() else None
+        rule = "learning seen" if s["rule"].startswith("learning seen") else "no learning seen"
+        run_lr = run["lr_used"] if run else None
+        same += run_lr == s["chosen"]
+        share = f"{100 * r['cpu_s'] / run['train_cpu_s']:.1f} %" if run and run.get("train_cpu_s") else "-"
+        lines.append(f"| {r['run_id']} | {s['chosen']:.3g} | {rule} | {s['steps_per_candidate']} | {r['cpu_s']:.1f} | "
+                     f"{share} | {'-' if run_lr is None else f'{run_lr:.3g}'} | {'yes' if run_lr == s['chosen'] else 'no'} |")
+    lines += ["", f"{same} of {len(records)} searches chose the lr their auto run trained at.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", choices=["nlu", "nlg"], default="nlu")
+    parser.add_argument("--seeds", default=None, help="comma list (default: the full mode's seeds)")
+    parser.add_argument("--against", default="superseded/auto-fresh-adam",
+                        help="folder of auto run files, relative to the quality results")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    mode = MODES["full"]
+    methods = mode.nlu_methods if args.workload == "nlu" else mode.nlg_methods
+    seeds = ([int(s) for s in args.seeds.split(",")] if args.seeds else
+             mode.nlu_seeds if args.workload == "nlu" else mode.nlg_seeds)
+    specs = [replace(m.template, lr=AUTO, seed=seed) for seed in seeds for m in methods]
+    OUT.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        wl = None
+        for spec in specs:
+            path = OUT / f"{spec.run_id}.json"
+            if path.exists():
+                continue
+            if wl is None:
+                wl = (workloads.build_nlu(**mode.nlu) if args.workload == "nlu" else workloads.build_nlg(**mode.nlg))
+            print(f"[auto-searches] {spec.run_id}", flush=True)
+            write_json_atomic(path, search(wl, spec), indent=1)
+    records = [json.loads((OUT / f"{s.run_id}.json").read_text()) for s in specs if (OUT / f"{s.run_id}.json").exists()]
+    text = summary(records, RESULTS / args.against)
+    write_text_atomic(RESULTS / f"auto-searches-{args.workload}.md", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
