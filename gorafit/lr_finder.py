@@ -74,6 +74,10 @@ LR_BOUNDS = (1e-7, 1.0 + 1e-9)  # the walk never leaves these (1.0 itself includ
 # SmolLM2-135M with LoRA-family adapters: 1.2 to 2.2 across methods); without it the probe's small steps cost
 # 1.5x per example what the run's steps do and the search overran its 10% share (8.0-14.0% on NLG).
 STEP_OVERHEAD = 2.0
+# What the optimizer's update over every weight of the model adds to a step, in the same units: full
+# fine-tuning of SmolLM2-135M cost 5.8 examples' worth per step in all (its auto runs overran to 12.1 % with
+# 2.0 alone). A model pays its trainable share of it (`step_overhead`): an adapter's is a few hundredths.
+OPTIMIZER_OVERHEAD = 3.8
 
 
 LEARNING_SEEN = "learning seen: the lowest held-out training loss after the short run"
@@ -131,7 +135,7 @@ class LrSearch:
         extra = data.get("extra", {})
         if not isinstance(extra, dict):
             raise TypeError("extra is not an object")
-        for key in ("edge", "edge_tolerance", "gain_needed", "settle_steps"):
+        for key in ("edge", "edge_tolerance", "gain_needed", "settle_steps", "step_overhead"):
             if extra.get(key) is not None:
                 _number(extra[key], f"extra.{key}")
         rule = data.get("rule", LEARNING_SEEN)
@@ -184,6 +188,16 @@ def probe_steps_for_budget(train_steps: int, train_batch_size: int, probe_batch_
     return max(1, int(per_candidate // (3 * (probe_batch_size + step_overhead))))
 
 
+def step_overhead(model: nn.Module) -> float:
+    """`STEP_OVERHEAD` plus the model's trainable share of `OPTIMIZER_OVERHEAD`: what one step of this model's
+    training costs whatever its size, in examples' worth (`probe_steps_for_budget`)."""
+    total = trainable = 0
+    for p in model.parameters():
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return STEP_OVERHEAD + OPTIMIZER_OVERHEAD * trainable / max(total, 1)
+
+
 class ProbeBatches(NamedTuple):
     """The range test's data (`probe_batches`): batches that settle the optimizer's moments, the short runs'
     batches, and the held-out batches that score them."""
@@ -194,15 +208,17 @@ class ProbeBatches(NamedTuple):
 
 
 def probe_batches(n_rows: int, collate: Callable[[list[int]], dict], batch_size: int, train_steps: int, seed: int,
-                  *, share: float = 0.10, candidates: int = 7) -> ProbeBatches:
+                  *, share: float = 0.10, candidates: int = 7,
+                  step_overhead: float = STEP_OVERHEAD) -> ProbeBatches:
     """The range test's data, from the training set only: one held-out batch of `batch_size` examples and two sets
     of short-run batches of a quarter of it, one to settle the optimizer's moments (`settled_state`) and one that
     every candidate trains on. Their steps are as many as keep the search within `share` of the training run
-    (`probe_steps_for_budget`, the settling counted as one more candidate). Rows are drawn from the end of the
-    seed's permutation; `collate(indices)` turns row indices into a batch.
+    (`probe_steps_for_budget` at `step_overhead`, the settling counted as one more candidate). Rows are drawn
+    from the end of the seed's permutation; `collate(indices)` turns row indices into a batch.
     """
     probe = max(1, batch_size // 4)
-    steps = probe_steps_for_budget(train_steps, batch_size, probe, batch_size, candidates=candidates + 1, share=share)
+    steps = probe_steps_for_budget(train_steps, batch_size, probe, batch_size, candidates=candidates + 1, share=share,
+                                   step_overhead=step_overhead)
     need = batch_size + 2 * steps * probe
     if n_rows < need:
         raise GoraError(f"--lr auto needs at least {need} training examples (twice {steps} probe steps of {probe}, "
@@ -423,11 +439,13 @@ def search_training_data(model: nn.Module, rows: Sequence[dict], collate: Callab
         collated = collate([rows[i] for i in indices])
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collated.items()}
 
-    probe = probe_batches(len(rows), batch, batch_size, train_steps, seed, share=share, candidates=candidates)
+    overhead = step_overhead(model)
+    probe = probe_batches(len(rows), batch, batch_size, train_steps, seed, share=share, candidates=candidates,
+                          step_overhead=overhead)
     search = find_lr(model, make_optimizer, probe.train, probe.held_out, max_grad_norm=max_grad_norm,
                      max_candidates=candidates, fallback=fallback, settle_batches=probe.settle)
     search.extra.update(train_steps=train_steps, batch_size=batch_size, share_budget=share,
-                        settle_steps=len(probe.settle))
+                        settle_steps=len(probe.settle), step_overhead=round(overhead, 4))
     return search
 
 

@@ -13,6 +13,7 @@ agree within one example of 500 and 4e-5 in completion loss, and 3 trained near 
 Each search is one JSON file under `auto-searches/`, so a rerun resumes; the summary is `auto-searches-WORKLOAD.md`.
 
     python benchmarks/quality/auto_searches.py --workload nlu --against superseded/auto-fresh-adam [--report-only]
+    python benchmarks/quality/auto_searches.py --workload nlg --only 'nlg-full-*' --against runs
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import sys
 import time
 from dataclasses import replace
+from fnmatch import fnmatch
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,6 +71,7 @@ def main() -> None:
     parser.add_argument("--seeds", default=None, help="comma list (default: the full mode's seeds)")
     parser.add_argument("--against", default="superseded/auto-fresh-adam",
                         help="folder of auto run files, relative to the quality results")
+    parser.add_argument("--only", default=None, help="comma list of run-id patterns (fnmatch): search only these")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     mode = MODES["full"]
@@ -76,6 +79,8 @@ def main() -> None:
     seeds = ([int(s) for s in args.seeds.split(",")] if args.seeds else
              mode.nlu_seeds if args.workload == "nlu" else mode.nlg_seeds)
     specs = [replace(m.template, lr=AUTO, seed=seed) for seed in seeds for m in methods]
+    if args.only:
+        specs = [s for s in specs if any(fnmatch(s.run_id, pattern) for pattern in args.only.split(","))]
     OUT.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         wl = None

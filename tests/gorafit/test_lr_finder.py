@@ -117,6 +117,7 @@ def test_on_a_tiny_lora_model_the_search_is_kept_and_shown(tmp_path):
                                                                                                    LR_DEFAULT)
     assert search.probe_batch_size == 2 and search.held_out_batches == 1 and search.extra["train_steps"] == 40
     assert search.extra["settle_steps"] == search.steps_per_candidate  # as many settling steps as each short run
+    assert 2.0 < search.extra["step_overhead"] < 2.0 + 3.8  # an adapter pays a share of the optimizer's cost
     save_lr_search(tmp_path / "lr_search.json", search, plot_path=tmp_path / "lr_search.png", title="tiny")
     again = read_lr_search(tmp_path / "lr_search.json")
     assert again.chosen == search.chosen and [c.lr for c in again.candidates] == [c.lr for c in search.candidates]
@@ -146,6 +147,21 @@ def test_the_search_fits_its_share_once_each_step_pays_its_overhead(train_steps,
     # one more step each would overrun it: the budget is used, not wasted (but for one held-out pass: the sizing
     # counts the settling run as a candidate, and it is scored on nothing)
     assert search + 8 * 3 * (probe + STEP_OVERHEAD) + batch > 0.10 * training
+
+
+def test_a_model_that_trains_every_weight_pays_for_its_optimizer_with_fewer_probe_steps():
+    from gorafit.lr_finder import OPTIMIZER_OVERHEAD, STEP_OVERHEAD, probe_batches, step_overhead
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    assert step_overhead(model) == pytest.approx(STEP_OVERHEAD + OPTIMIZER_OVERHEAD)  # full fine-tuning
+    model[0].requires_grad_(False)
+    share = 18 / 90  # the head's 18 of the model's 90 weights train
+    assert step_overhead(model) == pytest.approx(STEP_OVERHEAD + OPTIMIZER_OVERHEAD * share)
+    # NLG's sizes (200 steps of 8): an adapter's probe keeps 5 steps per candidate, full fine-tuning gets 4
+    rows = lambda ix: {"ix": torch.tensor(ix)}  # noqa: E731
+    adapter = probe_batches(10_000, rows, 8, 200, seed=0, step_overhead=STEP_OVERHEAD + OPTIMIZER_OVERHEAD * 0.007)
+    full = probe_batches(10_000, rows, 8, 200, seed=0, step_overhead=STEP_OVERHEAD + OPTIMIZER_OVERHEAD)
+    assert (len(adapter.train), len(full.train)) == (5, 4)
 
 
 def test_probe_batches_come_from_training_rows_and_keep_the_held_out_batch_apart():
