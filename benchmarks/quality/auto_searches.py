@@ -29,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 from benchmarks.quality import harness, workloads  # noqa: E402
 from benchmarks.quality.grid import AUTO, MODES, RESULTS  # noqa: E402
 from goraplan.files import write_json_atomic, write_text_atomic  # noqa: E402
@@ -47,9 +49,9 @@ def search(wl: harness.Workload, spec) -> dict:
 def summary(records: list[dict], against: Path) -> str:
     lines = [f"# `--lr auto`'s search alone, against the auto runs in `{against.relative_to(RESULTS)}`", "",
              "Each row: the search as `--lr auto` runs it now (no training run), and the auto run made before. "
-             "'share': the search's CPU seconds over that run's training CPU seconds.", "",
-             "| run | chosen now | rule now | steps now | search CPU s | share | the run's lr | same lr |",
-             "|---|---|---|---|---|---|---|---|"]
+             "What the search costs is measured by the auto runs themselves (REPORT.md, 'Cost of auto').", "",
+             "| run | chosen now | rule now | steps now | the run's lr | same lr |",
+             "|---|---|---|---|---|---|"]
     same = 0
     for r in records:
         s = r["search"]
@@ -58,9 +60,8 @@ def summary(records: list[dict], against: Path) -> str:
         rule = "learning seen" if s["rule"].startswith("learning seen") else "no learning seen"
         run_lr = run["lr_used"] if run else None
         same += run_lr == s["chosen"]
-        share = f"{100 * r['cpu_s'] / run['train_cpu_s']:.1f} %" if run and run.get("train_cpu_s") else "-"
-        lines.append(f"| {r['run_id']} | {s['chosen']:.3g} | {rule} | {s['steps_per_candidate']} | {r['cpu_s']:.1f} | "
-                     f"{share} | {'-' if run_lr is None else f'{run_lr:.3g}'} | {'yes' if run_lr == s['chosen'] else 'no'} |")
+        lines.append(f"| {r['run_id']} | {s['chosen']:.3g} | {rule} | {s['steps_per_candidate']} | "
+                     f"{'-' if run_lr is None else f'{run_lr:.3g}'} | {'yes' if run_lr == s['chosen'] else 'no'} |")
     lines += ["", f"{same} of {len(records)} searches chose the lr their auto run trained at.", ""]
     return "\n".join(lines)
 
@@ -83,6 +84,7 @@ def main() -> None:
         specs = [s for s in specs if any(fnmatch(s.run_id, pattern) for pattern in args.only.split(","))]
     OUT.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
+        torch.set_num_threads(1)  # as the grid's workers run
         wl = None
         for spec in specs:
             path = OUT / f"{spec.run_id}.json"
