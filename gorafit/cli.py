@@ -88,7 +88,9 @@ def run_cmd(plan_path: str, config_file: str | None, **given) -> None:
         if search:
             click.echo(f"lr auto: {search['chosen']:.3g} from {search['candidates']} candidates in "
                        f"{search['seconds']:.1f} s (gorafit inspect {result.output_dir})")
-            if search.get("learning_seen") is False:
+            if search.get("too_few_steps"):
+                click.echo(too_few_steps_warning(search["chosen"]), err=True)
+            elif search.get("learning_seen") is False:
                 click.echo(auto_fallback_warning(search["chosen"], search.get("edge")), err=True)
         click.echo(f"adapter: {result.adapter_dir}")
 
@@ -103,6 +105,17 @@ def auto_fallback_warning(chosen: float, edge: float | None) -> str:
     return (f"Warning: --lr auto saw no learning within its budget (no candidate lowered the held-out training loss "
             f"enough), so it trained at the default lr {chosen:.3g}{where}. Expected with a new classification head "
             f"or a short run: give --lr a number (or try a few) if the result disappoints.")
+
+
+def too_few_steps_warning(chosen: float) -> str:
+    """What --lr auto says when the run was too short for its range test to be trusted.
+
+    >>> too_few_steps_warning(3.16e-4).split(": the run")[0]
+    'Warning: --lr auto trained at the default lr 0.000316'
+    """
+    return (f"Warning: --lr auto trained at the default lr {chosen:.3g}: the run is too short for its range test "
+            f"(one probe step per candidate within 10 % of the run, which cannot tell a good lr from one that "
+            f"collapses). Give --lr a number, or keep --lr auto for runs of about 100 steps or more.")
 
 
 def _summary(m: dict) -> list[str]:

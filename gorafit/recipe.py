@@ -343,7 +343,7 @@ def _auto_learning_rate(trainer: GoraTrainer, settings: TrainSettings, train_ds,
     the run folder (``lr_search.json``, ``lr_search.png``; ``gorafit inspect`` shows it)."""
     import math
 
-    from gorafit.lr_finder import LEARNING_SEEN, search_training_data
+    from gorafit.lr_finder import LEARNING_SEEN, TOO_FEW_STEPS, search_training_data
     from gorafit.optim import create_optimizer
 
     if settings.deepspeed is not None or settings.fsdp is not None:
@@ -370,7 +370,8 @@ def _auto_learning_rate(trainer: GoraTrainer, settings: TrainSettings, train_ds,
     found = distributed.from_main(search)
     args.learning_rate = found.chosen
     summary = {"chosen": found.chosen, "candidates": len(found.candidates), "seconds": found.seconds,
-               "learning_seen": found.rule == LEARNING_SEEN, "edge": found.extra.get("edge"),
+               "learning_seen": found.rule == LEARNING_SEEN, "too_few_steps": found.rule == TOO_FEW_STEPS,
+               "steps_per_candidate": found.steps_per_candidate, "edge": found.extra.get("edge"),
                "file": run_folder.LR_SEARCH_FILE}
     return settings.model_copy(update={"learning_rate": found.chosen}), summary
 

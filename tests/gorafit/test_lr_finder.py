@@ -11,8 +11,10 @@ from torch import nn
 
 from gorafit.lr_finder import (
     EDGE,
+    MIN_PROBE_STEPS,
     NO_LEARNING_SEEN,
     QUARTER_DECADE,
+    TOO_FEW_STEPS,
     find_lr,
     format_lr_search,
     hessian_top_eigenvalue,
@@ -110,12 +112,13 @@ def test_on_a_tiny_lora_model_the_search_is_kept_and_shown(tmp_path):
     search = search_training_data(
         model, rows, PaddingCollator(tok, "causal-lm"),
         lambda lr: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr),
-        batch_size=8, train_steps=40, seed=0)
+        batch_size=8, train_steps=200, seed=0)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
     assert len(search.candidates) >= 3
     assert search.chosen in [c.lr for c in search.candidates] or (search.rule, search.chosen) == (NO_LEARNING_SEEN,
                                                                                                    LR_DEFAULT)
-    assert search.probe_batch_size == 2 and search.held_out_batches == 1 and search.extra["train_steps"] == 40
+    assert search.probe_batch_size == 2 and search.held_out_batches == 1 and search.extra["train_steps"] == 200
+    assert search.steps_per_candidate >= MIN_PROBE_STEPS
     assert search.extra["settle_steps"] == search.steps_per_candidate  # as many settling steps as each short run
     assert 2.0 < search.extra["step_overhead"] < 2.0 + 3.8  # an adapter pays a share of the optimizer's cost
     save_lr_search(tmp_path / "lr_search.json", search, plot_path=tmp_path / "lr_search.png", title="tiny")
@@ -147,6 +150,25 @@ def test_the_search_fits_its_share_once_each_step_pays_its_overhead(train_steps,
     # one more step each would overrun it: the budget is used, not wasted (but for one held-out pass: the sizing
     # counts the settling run as a candidate, and it is scored on nothing)
     assert search + 8 * 3 * (probe + STEP_OVERHEAD) + batch > 0.10 * training
+
+
+def test_one_probe_step_per_candidate_is_not_trusted_and_the_default_is_kept():
+    from peft import LoraConfig, get_peft_model
+
+    from goraplan.data import PaddingCollator
+    from tests.tiny import make_tokenizer, sentences, tiny_llama
+
+    tok = make_tokenizer()
+    model = get_peft_model(tiny_llama(vocab_size=len(tok)), LoraConfig(r=4, target_modules=["q_proj"]))
+    rows = [{"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ids}
+            for ids in tok(sentences(64))["input_ids"]]
+    search = search_training_data(
+        model, rows, PaddingCollator(tok, "causal-lm"),
+        lambda lr: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr),
+        batch_size=8, train_steps=40, seed=0, fallback=2e-4)
+    assert search.steps_per_candidate == 1 < MIN_PROBE_STEPS
+    assert (search.rule, search.chosen) == (TOO_FEW_STEPS, 2e-4) and len(search.candidates) >= 2  # evidence kept
+    assert "too few probe steps" in format_lr_search(search)
 
 
 def test_a_model_that_trains_every_weight_pays_for_its_optimizer_with_fewer_probe_steps():
@@ -203,11 +225,13 @@ def test_gorafit_run_lr_auto_keeps_its_evidence_and_inspect_shows_it(tmp_path, c
     assert f"lr auto: {chosen:.3g}" in stdout and (out / "lr_search.png").is_file()
     code, stdout, err = gorafit("inspect", out)
     assert code == 0, err
-    if record["learning_rate_search"]["learning_seen"]:
-        assert "<- chosen" in stdout and f"{chosen:.3g}" in stdout and "Warning" not in run_err
-    else:  # the tiny model's probe sees no learning: the default is kept, and both commands say so
-        assert chosen == LR_DEFAULT and "Warning: --lr auto saw no learning" in run_err
-        assert f"chosen: {chosen:.3g}, the default" in stdout
+    # 30 steps of 4 leave one probe step per candidate within 10 %: too few to trust, the default is kept, the
+    # evidence too, and both commands say so
+    assert record["learning_rate_search"]["too_few_steps"] and search["rule"] == TOO_FEW_STEPS
+    assert chosen == LR_DEFAULT and len(search["candidates"]) >= 2
+    assert "Warning: --lr auto trained at the default lr" in run_err and "too short" in run_err
+    assert f"chosen: {chosen:.3g}, the default" in stdout or f"{chosen:.3g}  <- chosen" in stdout
+    assert "too few probe steps" in stdout
     code, stdout, err = gorafit("inspect", tmp_path / "in")
     assert code == 2 and "holds no run" in err
 
