@@ -103,8 +103,8 @@ class TrainSettings(BaseModel):
     # -- optimisation (paper: AdamW, cosine, 3% warmup, B at 16 x the lr of A; docs/method.md §6)
     learning_rate: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
         LR_DEFAULT, description="Peak learning rate of lora_A and the head, or auto: a short range test on training "
-        "batches picks it, or keeps the default when it sees no learning (gorafit.lr_finder; about 10% of the run's "
-        "cost, evidence in the run folder).")
+        "batches picks it, or keeps the default when it sees no learning or the run is too short for it (under about "
+        "100 steps); at most about 10% of the run's cost, evidence in the run folder (gorafit.lr_finder).")
     lr_ratio: float = Field(LR_RATIO_DEFAULT, gt=0, description="LoRA+: every lora_B trains at this times the "
                             "learning rate (the paper's).")
     lr_b_max: float | None = Field(LR_B_MAX_DEFAULT, gt=0, description="Cap on lora_B's learning rate (never below "
