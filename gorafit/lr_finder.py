@@ -89,8 +89,8 @@ NO_LEARNING_SEEN = (f"no learning seen (no candidate lowered the held-out loss b
 # drop, which grows with the lr until it diverges: on a 60-step SmolLM2 run (one step of 2 per candidate) it
 # chose 1e-2 for LoRA, and the run collapsed to 0 % exact match.
 MIN_PROBE_STEPS = 2
-TOO_FEW_STEPS = ("too few probe steps (the run is too short for more than one per candidate within the budget; one "
-                 "step's drop grows with the lr until it diverges): kept the default lr")
+TOO_FEW_STEPS = ("too few probe steps (the run is too short for more than one per candidate within the budget, and one "
+                 "step's drop grows with the lr until it diverges): no candidate run, kept the default lr")
 
 
 @dataclass(frozen=True)
@@ -440,7 +440,7 @@ def search_training_data(model: nn.Module, rows: Sequence[dict], collate: Callab
                          share: float = 0.10, candidates: int = 7, fallback: float = LR_DEFAULT) -> LrSearch:
     """`find_lr` as ``gorafit run --lr auto`` runs it: on `rows` of the training set only (`probe_batches`),
     moved to the model's device, with the run's own optimizer factory, from settled moments. With fewer than
-    `MIN_PROBE_STEPS` steps per candidate it keeps `fallback` (rule `TOO_FEW_STEPS`) and the evidence."""
+    `MIN_PROBE_STEPS` steps per candidate it runs no candidate and keeps `fallback` (rule `TOO_FEW_STEPS`)."""
     device = next(p.device for p in model.parameters())
 
     def batch(indices: list[int]) -> dict:
@@ -450,10 +450,15 @@ def search_training_data(model: nn.Module, rows: Sequence[dict], collate: Callab
     overhead = step_overhead(model)
     probe = probe_batches(len(rows), batch, batch_size, train_steps, seed, share=share, candidates=candidates,
                           step_overhead=overhead)
-    search = find_lr(model, make_optimizer, probe.train, probe.held_out, max_grad_norm=max_grad_norm,
-                     max_candidates=candidates, fallback=fallback, settle_batches=probe.settle)
-    if len(probe.train) < MIN_PROBE_STEPS:
-        search.chosen, search.rule = fallback, TOO_FEW_STEPS
+    if len(probe.train) < MIN_PROBE_STEPS:  # not worth its cost: only the start's loss, for the record
+        t0 = time.perf_counter()
+        start_loss = _mean_loss(model, probe.held_out, _default_loss)
+        search = LrSearch(chosen=fallback, candidates=[], start_loss=start_loss, steps_per_candidate=len(probe.train),
+                          probe_batch_size=_batch_size(probe.train[0]), held_out_batches=len(probe.held_out),
+                          seconds=round(time.perf_counter() - t0, 3), rule=TOO_FEW_STEPS)
+    else:
+        search = find_lr(model, make_optimizer, probe.train, probe.held_out, max_grad_norm=max_grad_norm,
+                         max_candidates=candidates, fallback=fallback, settle_batches=probe.settle)
     search.extra.update(train_steps=train_steps, batch_size=batch_size, share_budget=share,
                         settle_steps=len(probe.settle), step_overhead=round(overhead, 4))
     return search

@@ -40,9 +40,10 @@ def test_one_run_records_what_the_report_needs(tiny, method, tmp_path, monkeypat
     json.dumps(record)  # a run file must be plain JSON
 
 
-def test_auto_chooses_from_training_batches_and_keeps_every_candidate(tiny, tmp_path, monkeypatch):
+def test_auto_chooses_from_training_batches_and_keeps_every_candidate(tmp_path, monkeypatch):
     monkeypatch.setattr(harness, "PLAN_CACHE", tmp_path / "plans")
-    record = train_and_evaluate(tiny, RunSpec("nlu", "gora", AUTO, 0, n_calib=2))
+    longer = build_tiny(train_examples=1000, test_examples=16)  # 125 steps: room for 3 probe steps per candidate
+    record = train_and_evaluate(longer, RunSpec("nlu", "gora", AUTO, 0, n_calib=2))
     search = record["lr_search"]
     assert record["run_id"] == "nlu-gora-x16-n2-lrauto-s0"
     assert record["lr_used"] == search["chosen"] in [c["lr"] for c in search["candidates"]]
@@ -51,7 +52,7 @@ def test_auto_chooses_from_training_batches_and_keeps_every_candidate(tiny, tmp_
     assert all(c["lr"] in lattice_points for c in search["candidates"])
     # the benchmark runs gorafit's own search: short runs from settled moments, sized on the run's steps
     assert search["extra"]["settle_steps"] == search["steps_per_candidate"] >= 1
-    assert search["extra"]["train_steps"] == tiny.steps and search["extra"]["share_budget"] == 0.10
+    assert search["extra"]["train_steps"] == longer.steps and search["extra"]["share_budget"] == 0.10
     assert record["auto_cpu_s"] > 0 and record["cpu_s"] >= record["auto_cpu_s"] + record["train_cpu_s"] - 0.01
     assert record["auto_share"] == pytest.approx(record["auto_cpu_s"] / record["train_cpu_s"], rel=1e-2)
 
