@@ -27,7 +27,7 @@ from benchmarks.quality.grid import (
 )
 from benchmarks.quality.harness import AUTO_SHARE, COLLAPSE_SHARE, MAX_GRAD_NORM, WARMUP_RATIO, WEIGHT_DECAY
 from benchmarks.quality.stats import Cells, margin, mean_std, spearman
-from gorafit.lr_finder import EDGE, GAIN, STEP_OVERHEAD
+from gorafit.lr_finder import EDGE, GAIN, OPTIMIZER_OVERHEAD, STEP_OVERHEAD
 from gorafit.optim import LR_DEFAULT
 from goraplan.files import write_text_atomic
 
@@ -380,17 +380,19 @@ def write_report(mode: Mode, stamp: dict) -> Path:
         "for 'gorafit defaults', one lr for 'x1'.",
         "- **lr grid**: quarter-decades (neighbours 1.78x apart), 9 points over two decades per method, the window "
         "placed where the method trains (see the coverage table).",
-        f"- **`--lr auto`** (`gorafit.lr_finder.find_lr`): a range test on training batches only (the end of the "
-        f"seed's order): from the method's initial weights, a few short steps at each candidate lr with a fresh "
-        f"AdamW over the method's own groups, scored by the loss on one held-out training batch, weights put back "
-        f"between candidates. Candidates walk the quarter-decade lattice from 1e-3 in half-decade steps to bracket "
-        f"the stability edge (the largest lr whose held-out loss stays within {EDGE:.0%} of the start's). If some "
-        f"candidate lowers the held-out loss by {GAIN:.0%} or more (learning seen), the lowest held-out loss wins; "
-        f"if none does (a new head's plateau), gorafit's default lr {LR_DEFAULT:g} is kept and the edge recorded. "
-        f"Each run file keeps the rule used. Its steps are "
-        f"sized to cost at most {AUTO_SHARE:.0%} of the run (counted in example passes, each step paying a fixed "
-        f"{STEP_OVERHEAD:g} examples' worth whatever its size); the seconds it took are "
-        f"measured below.",
+        f"- **`--lr auto`** (`gorafit.lr_finder.search_training_data`, what `gorafit run --lr auto` runs): a range "
+        f"test on training batches only (the end of the seed's order): from the method's initial weights, a few "
+        f"short steps at each candidate lr with AdamW over the method's own groups, its moments first settled at "
+        f"lr 0 on as many other training batches (a fresh Adam's first steps are full-lr sign steps), scored by "
+        f"the loss on one held-out training batch, weights put back between candidates. Candidates walk the "
+        f"quarter-decade lattice from 1e-3 in half-decade steps to bracket the stability edge (the largest lr "
+        f"whose held-out loss stays within {EDGE:.0%} of the start's). If some candidate lowers the held-out loss "
+        f"by {GAIN:.0%} or more (learning seen), the lowest held-out loss wins; if none does (a new head's "
+        f"plateau), gorafit's default lr {LR_DEFAULT:g} is kept and the edge recorded. Each run file keeps the "
+        f"rule used. Its steps are sized to cost at most {AUTO_SHARE:.0%} of the run, the settling counted as one "
+        f"more candidate (counted in example passes, each step paying a fixed {STEP_OVERHEAD:g} examples' worth "
+        f"whatever its size, plus the trainable share of {OPTIMIZER_OVERHEAD:g} for the optimizer's update); the "
+        f"seconds it took are measured below.",
         f"- **Collapse**: a run that predicts one class (NLU) or one answer string (NLG) for at least "
         f"{COLLAPSE_SHARE:.0%} of the test set.",
         "- Costs are CPU seconds of the run's one thread (`time.process_time`): on a machine shared with other "
