@@ -150,7 +150,7 @@ class LrSearch:
             raise TypeError("rule is not text")
         probe = data["probe_batch_size"]
         return cls(chosen=_number(data["chosen"], "chosen"), candidates=candidates,
-                   start_loss=_number(data["start_loss"], "start_loss"),
+                   start_loss=_loss(data["start_loss"]),  # inf (written as null) when the start did not compute
                    steps_per_candidate=int(_number(data["steps_per_candidate"], "steps_per_candidate")),
                    probe_batch_size=None if probe is None else int(_number(probe, "probe_batch_size")),
                    held_out_batches=int(_number(data["held_out_batches"], "held_out_batches")),
@@ -572,7 +572,8 @@ def plot_lr_search(search: LrSearch, path: str | Path, title: str = "") -> Path 
     finite = [c for c in search.candidates if not c.diverged]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot([c.lr for c in finite], [c.held_out_loss for c in finite], marker="o")
-    ax.axhline(search.start_loss, color="grey", linestyle="--", linewidth=1, label="before training")
+    if math.isfinite(search.start_loss):
+        ax.axhline(search.start_loss, color="grey", linestyle="--", linewidth=1, label="before training")
     ax.axvline(search.chosen, color="tab:red", linewidth=1, label=f"chosen {search.chosen:.3g}")
     for c in search.candidates:
         if c.diverged:

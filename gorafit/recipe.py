@@ -371,7 +371,7 @@ def _auto_learning_rate(trainer: GoraTrainer, settings: TrainSettings, train_ds,
     args.learning_rate = found.chosen
     summary = {"chosen": found.chosen, "candidates": len(found.candidates), "seconds": found.seconds,
                "learning_seen": found.rule == LEARNING_SEEN, "too_few_steps": found.rule == TOO_FEW_STEPS,
-               "steps_per_candidate": found.steps_per_candidate, "edge": found.extra.get("edge"),
+               "edge": found.extra.get("edge"),
                "file": run_folder.LR_SEARCH_FILE}
     return settings.model_copy(update={"learning_rate": found.chosen}), summary
 

@@ -57,7 +57,7 @@ def summary(records: list[dict], against: Path) -> str:
         s = r["search"]
         path = against / f"{r['run_id']}.json"
         run = json.loads(path.read_text()) if path.is_file() else None
-        rule = "learning seen" if s["rule"].startswith("learning seen") else "no learning seen"
+        rule = s["rule"].split(" (")[0].split(":")[0]  # "learning seen", "no learning seen", "too few probe steps"
         run_lr = run["lr_used"] if run else None
         same += run_lr == s["chosen"]
         lines.append(f"| {r['run_id']} | {s['chosen']:.3g} | {rule} | {s['steps_per_candidate']} | "

@@ -176,6 +176,17 @@ def test_one_probe_step_per_candidate_is_not_trusted_and_the_default_is_kept(tmp
     assert "too few probe steps" in format_lr_search(again) and "chosen: 0.0002, the default" in format_lr_search(again)
 
 
+def test_a_start_loss_that_is_not_a_number_is_kept_as_inf_and_read_back(tmp_path):
+    from gorafit.lr_finder import LrSearch
+
+    search = LrSearch(chosen=LR_DEFAULT, candidates=[], start_loss=math.inf, steps_per_candidate=1,
+                      probe_batch_size=2, held_out_batches=1, seconds=0.0, rule=TOO_FEW_STEPS)
+    save_lr_search(tmp_path / "lr_search.json", search, plot_path=tmp_path / "lr_search.png")
+    assert json.loads((tmp_path / "lr_search.json").read_text())["start_loss"] is None  # strict JSON
+    assert read_lr_search(tmp_path / "lr_search.json").start_loss == math.inf
+    assert (tmp_path / "lr_search.png").is_file()
+
+
 def test_a_model_that_trains_every_weight_pays_for_its_optimizer_with_fewer_probe_steps():
     from gorafit.lr_finder import OPTIMIZER_OVERHEAD, STEP_OVERHEAD, probe_batches, step_overhead
 
