@@ -65,3 +65,34 @@ def test_head_ablation_summary_pairs_each_cell_with_the_main_rows_same_lr_and_se
     assert "| 0.000316 | 1 | 84.00 | 83.00 | -1.00 |" in text
     assert "| auto | 0 | - | 84.00 (0.000316) | - |" in text  # no main-row auto run: no pair
     assert "- lr 0.000316: head at lr 84.00 ± 0.00, at lora_B's lr 84.00 ± 1.41 (n=2)" in text
+
+
+def test_line_reading_gives_the_lowest_and_the_last_safe_lr_and_nothing_when_every_step_goes_uphill():
+    from benchmarks.quality.line_probe import LATTICE, read_curve, rule_lr
+
+    falling = [{"lr": lr, "held_out_loss": 0.7 - 0.01 * k if k < 15 else 0.56 + 0.2 * (k - 14)}
+               for k, lr in enumerate(LATTICE)]
+    lr_min, lr_edge = read_curve({"start_loss": 0.7, "curve": falling})
+    assert lr_min == LATTICE[14] and lr_edge == LATTICE[14]  # 0.76 at k = 15 is above the start
+    uphill = [{"lr": lr, "held_out_loss": 0.71 + k} for k, lr in enumerate(LATTICE)]
+    assert read_curve({"start_loss": 0.7, "curve": uphill}) == (None, None)
+    assert rule_lr(LATTICE[14]) == LATTICE[10] and rule_lr(LATTICE[2]) == LATTICE[0]
+    assert LATTICE[0] == 1e-6 and LATTICE[-1] == 0.1 and len(LATTICE) == 21
+
+
+def test_the_line_probe_steps_along_one_direction_and_a_tiny_step_leaves_the_loss_where_it_was(tmp_path, monkeypatch):
+    from benchmarks.quality import harness
+    from benchmarks.quality.grid import AUTO, RunSpec
+    from benchmarks.quality.line_probe import LATTICE, measure
+    from tests.benchmarks.tiny_workload import build_tiny
+
+    monkeypatch.setattr(harness, "PLAN_CACHE", tmp_path / "plans")
+    wl = build_tiny(train_examples=200, test_examples=16)
+    spec = RunSpec("nlu", "lora", AUTO, 0)
+    for in_sample, steps in ((False, 1), (True, 1), (True, 2)):
+        record = measure(wl, spec, held=16, in_sample=in_sample, steps=steps)
+        losses = [c["held_out_loss"] for c in record["curve"]]
+        assert [c["lr"] for c in record["curve"]] == LATTICE and record["steps"] == steps
+        assert record["scored_on"] == ("in-sample" if in_sample else "held-out")
+        assert abs(losses[0] - record["start_loss"]) < 1e-3 * record["start_loss"]  # lr 1e-6: hardly a move
+        assert len(set(losses)) > 10  # each lr is its own point along the line
