@@ -76,7 +76,7 @@ def test_line_reading_gives_the_lowest_and_the_last_safe_lr_and_nothing_when_eve
     assert lr_min == LATTICE[14] and lr_edge == LATTICE[14]  # 0.76 at k = 15 is above the start
     uphill = [{"lr": lr, "held_out_loss": 0.71 + k} for k, lr in enumerate(LATTICE)]
     assert read_curve({"start_loss": 0.7, "curve": uphill}) == (None, None)
-    assert rule_lr(LATTICE[14]) == LATTICE[10] and rule_lr(LATTICE[2]) == LATTICE[0]
+    assert rule_lr(LATTICE[14]) == LATTICE[10] and rule_lr(LATTICE[2]) == LATTICE[0] and rule_lr(LATTICE[14], 3) == LATTICE[11]
     assert LATTICE[0] == 1e-6 and LATTICE[-1] == 0.1 and len(LATTICE) == 21
 
 
@@ -89,10 +89,13 @@ def test_the_line_probe_steps_along_one_direction_and_a_tiny_step_leaves_the_los
     monkeypatch.setattr(harness, "PLAN_CACHE", tmp_path / "plans")
     wl = build_tiny(train_examples=200, test_examples=16)
     spec = RunSpec("nlu", "lora", AUTO, 0)
-    for in_sample, steps in ((False, 1), (True, 1), (True, 2)):
-        record = measure(wl, spec, held=16, in_sample=in_sample, steps=steps)
+    curves = {}
+    for in_sample, steps, later_on in ((False, 1, "same"), (True, 1, "same"), (True, 2, "same"), (True, 2, "other")):
+        record = measure(wl, spec, held=16, in_sample=in_sample, steps=steps, later_on=later_on)
         losses = [c["held_out_loss"] for c in record["curve"]]
         assert [c["lr"] for c in record["curve"]] == LATTICE and record["steps"] == steps
         assert record["scored_on"] == ("in-sample" if in_sample else "held-out")
         assert abs(losses[0] - record["start_loss"]) < 1e-3 * record["start_loss"]  # lr 1e-6: hardly a move
         assert len(set(losses)) > 10  # each lr is its own point along the line
+        curves[(steps, later_on)] = losses
+    assert curves[(2, "same")] != curves[(2, "other")] != curves[(1, "same")]  # the second step's batch matters
