@@ -22,8 +22,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
-from fnmatch import fnmatch
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,8 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.quality import harness, workloads  # noqa: E402
-from benchmarks.quality.grid import AUTO, MODES, RESULTS  # noqa: E402
+from benchmarks.quality import harness  # noqa: E402
+from benchmarks.quality.executor import Workloads  # noqa: E402
+from benchmarks.quality.grid import MODES, RESULTS, auto_specs  # noqa: E402
 from goraplan.files import write_json_atomic, write_text_atomic  # noqa: E402
 
 OUT = RESULTS / "auto-searches"
@@ -76,24 +75,16 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     mode = MODES["full"]
-    methods = mode.nlu_methods if args.workload == "nlu" else mode.nlg_methods
-    seeds = ([int(s) for s in args.seeds.split(",")] if args.seeds else
-             mode.nlu_seeds if args.workload == "nlu" else mode.nlg_seeds)
-    specs = [replace(m.template, lr=AUTO, seed=seed) for seed in seeds for m in methods]
-    if args.only:
-        specs = [s for s in specs if any(fnmatch(s.run_id, pattern) for pattern in args.only.split(","))]
+    specs = auto_specs(mode, args.workload, args.seeds, args.only)
     OUT.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         torch.set_num_threads(1)  # as the grid's workers run
-        wl = None
+        build = Workloads(mode)
         for spec in specs:
             path = OUT / f"{spec.run_id}.json"
-            if path.exists():
-                continue
-            if wl is None:
-                wl = (workloads.build_nlu(**mode.nlu) if args.workload == "nlu" else workloads.build_nlg(**mode.nlg))
-            print(f"[auto-searches] {spec.run_id}", flush=True)
-            write_json_atomic(path, search(wl, spec), indent=1)
+            if not path.exists():
+                print(f"[auto-searches] {spec.run_id}", flush=True)
+                write_json_atomic(path, search(build(spec.workload), spec), indent=1)
     records = [json.loads((OUT / f"{s.run_id}.json").read_text()) for s in specs if (OUT / f"{s.run_id}.json").exists()]
     text = summary(records, RESULTS / args.against)
     write_text_atomic(RESULTS / f"auto-searches-{args.workload}.md", text)

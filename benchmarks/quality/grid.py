@@ -11,6 +11,7 @@ auto picks inside a method's window is also a grid cell of that method.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import zlib
 from dataclasses import dataclass, field, replace
@@ -260,6 +261,17 @@ def curvature_specs(mode: Mode) -> list[RunSpec]:
     out = [replace(m.template, lr=0.0, seed=s) for s in mode.nlu_seeds for m in mode.nlu_methods]
     out += [replace(m.template, lr=0.0, seed=s) for s in mode.nlg_seeds for m in mode.nlg_methods]
     return [s for s in out if s.workload in mode.curvature]
+
+
+def auto_specs(mode: Mode, workload: str, seeds: str | None = None, only: str | None = None) -> list[RunSpec]:
+    """Each method's `--lr auto` spec for `workload`, on `seeds` (a comma list; default the mode's), kept to the
+    run ids matching one of `only`'s comma-separated fnmatch patterns (the experiment scripts' --seeds, --only)."""
+    methods = mode.nlu_methods if workload == "nlu" else mode.nlg_methods
+    chosen = ([int(s) for s in seeds.split(",")] if seeds else mode.nlu_seeds if workload == "nlu" else mode.nlg_seeds)
+    specs = [replace(m.template, lr=AUTO, seed=seed) for seed in chosen for m in methods]
+    if only:
+        specs = [s for s in specs if any(fnmatch.fnmatchcase(s.run_id, p) for p in only.split(","))]
+    return specs
 
 
 def in_shard(run_id: str, shard: tuple[int, int]) -> bool:

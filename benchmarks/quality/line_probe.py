@@ -31,8 +31,6 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import replace
-from fnmatch import fnmatch
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,9 +38,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.quality import harness, workloads  # noqa: E402
-from benchmarks.quality.executor import done_records  # noqa: E402
-from benchmarks.quality.grid import AUTO, MODES, RESULTS  # noqa: E402
+from benchmarks.quality import harness  # noqa: E402
+from benchmarks.quality.executor import Workloads, done_records  # noqa: E402
+from benchmarks.quality.grid import MODES, RESULTS, auto_specs  # noqa: E402
 from benchmarks.quality.stats import Cells  # noqa: E402
 from gorafit.lr_finder import settled_state  # noqa: E402
 from goraplan.files import write_json_atomic, write_text_atomic  # noqa: E402
@@ -238,28 +236,21 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     mode = MODES["full"]
-    methods = mode.nlu_methods if args.workload == "nlu" else mode.nlg_methods
-    seeds = ([int(s) for s in args.seeds.split(",")] if args.seeds else
-             mode.nlu_seeds if args.workload == "nlu" else mode.nlg_seeds)
-    specs = [replace(m.template, lr=AUTO, seed=seed) for seed in seeds for m in methods]
-    if args.only:
-        specs = [s for s in specs if any(fnmatch(s.run_id, p) for p in args.only.split(","))]
+    specs = auto_specs(mode, args.workload, args.seeds, args.only)
     out = OUT / (("in-sample" if args.in_sample else "held-out") + ("" if args.steps == 1 else f"-{args.steps}-steps")
                  + ("-other-batch" if args.later_on == "other" and args.steps > 1 else ""))
     out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         torch.set_num_threads(1)
         harness.PLAN_CACHE = mode.results / "cache" / "plans"  # the grid's plans (they do not depend on lr)
-        wl = None
+        build = Workloads(mode)
         for spec in specs:
             path = out / f"{spec.run_id.replace('lrauto', 'line')}.json"
-            if path.exists():
-                continue
-            if wl is None:
-                wl = workloads.build_nlu(**mode.nlu) if args.workload == "nlu" else workloads.build_nlg(**mode.nlg)
-            held = args.held or 2 * wl.batch_size
-            print(f"[line-probe] {spec.run_id}", flush=True)
-            write_json_atomic(path, measure(wl, spec, held, args.in_sample, args.steps, args.later_on), indent=1)
+            if not path.exists():
+                print(f"[line-probe] {spec.run_id}", flush=True)
+                wl = build(spec.workload)
+                record = measure(wl, spec, args.held or 2 * wl.batch_size, args.in_sample, args.steps, args.later_on)
+                write_json_atomic(path, record, indent=1)
     records = [json.loads(p.read_text()) for p in sorted(out.glob(f"{args.workload}-*.json"))]
     text = summary(args.workload, records, mode, out.name)
     write_text_atomic(RESULTS / f"line-probe-{args.workload}-{out.name}.md", text)

@@ -203,3 +203,14 @@ def test_head_ablation_trains_a_new_head_at_lora_bs_capped_lr_and_nothing_else_m
     heads = [n for n in plain if "classifier" in n]
     assert heads and all(plain[n] == 3.16e-4 and ablated[n] == pytest.approx(3e-3) for n in heads)
     assert all(plain[n] == ablated[n] for n in plain if n not in heads)
+
+
+def test_auto_specs_are_every_methods_auto_run_kept_to_the_seeds_and_patterns_asked():
+    from benchmarks.quality.grid import auto_specs
+
+    full = MODES["full"]
+    every = auto_specs(full, "nlu")
+    assert len(every) == len(full.nlu_methods) * len(full.nlu_seeds) and all(s.lr == AUTO for s in every)
+    assert [s.seed for s in auto_specs(full, "nlg", seeds="1")] == [1] * len(full.nlg_methods)
+    assert [s.run_id for s in auto_specs(full, "nlu", only="nlu-lora-*,nlu-full-lrauto-s2")] == [
+        "nlu-lora-lrauto-s0", "nlu-lora-lrauto-s1", "nlu-full-lrauto-s2", "nlu-lora-lrauto-s2"]
