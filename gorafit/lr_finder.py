@@ -58,6 +58,9 @@ __all__ = [
     "probe_batches",
     "probe_steps_for_budget",
     "hessian_top_eigenvalue",
+    "mean_loss",
+    "resume_optimizer",
+    "settled_state",
     "format_lr_search",
     "read_lr_search",
     "save_lr_search",
@@ -237,7 +240,13 @@ def probe_batches(n_rows: int, collate: Callable[[list[int]], dict], batch_size:
     return ProbeBatches(settle=batches[:steps], train=batches[steps:], held_out=[collate(held)])
 
 
-def _mean_loss(model: nn.Module, batches: Sequence[dict], loss_fn: Callable[[nn.Module, dict], torch.Tensor]) -> float:
+def _default_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    return model(**batch).loss
+
+
+def mean_loss(model: nn.Module, batches: Sequence[dict],
+              loss_fn: Callable[[nn.Module, dict], torch.Tensor] = _default_loss) -> float:
+    """The mean loss over `batches`, forward only in eval mode (the model's mode is put back); inf if not finite."""
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -247,8 +256,17 @@ def _mean_loss(model: nn.Module, batches: Sequence[dict], loss_fn: Callable[[nn.
     return value if math.isfinite(value) else math.inf
 
 
-def _default_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    return model(**batch).loss
+def resume_optimizer(make_optimizer: Callable[[float], torch.optim.Optimizer], lr: float,
+                     start_state: dict | None = None) -> torch.optim.Optimizer:
+    """The optimizer at base lr `lr`, fresh or from a copy of `start_state` (e.g. `settled_state`'s, whose lrs are 0):
+    each group keeps the lr `make_optimizer(lr)` gave it, multipliers included."""
+    optimizer = make_optimizer(lr)
+    if start_state is not None:
+        peak = [g["lr"] for g in optimizer.param_groups]
+        optimizer.load_state_dict(copy.deepcopy(start_state))  # a copy: the steps taken must not change it
+        for g, top in zip(optimizer.param_groups, peak, strict=True):
+            g["lr"] = top
+    return optimizer
 
 
 def short_run(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Optimizer], lr: float,
@@ -260,13 +278,9 @@ def short_run(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Op
     linearly to `lr` over the batches (step t of k at ``lr * t / k``), as a run's warm-up does; else it is constant.
 
     The caller restores the weights afterwards (`find_lr` does)."""
-    optimizer = make_optimizer(lr)
+    optimizer = resume_optimizer(make_optimizer, lr, start_state)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     peak = [g["lr"] for g in optimizer.param_groups]
-    if start_state is not None:
-        optimizer.load_state_dict(copy.deepcopy(start_state))  # a copy: the steps below must not change it
-        for g, top in zip(optimizer.param_groups, peak, strict=True):
-            g["lr"] = top
     losses = []
     model.train()
     for step, batch in enumerate(train_batches, start=1):
@@ -277,7 +291,7 @@ def short_run(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Op
         if not math.isfinite(loss):
             return Candidate(lr, math.inf, losses + [math.inf])
         losses.append(round(loss, 6))
-    return Candidate(lr, _mean_loss(model, held_out, loss_fn), losses)
+    return Candidate(lr, mean_loss(model, held_out, loss_fn), losses)
 
 
 def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], batch: dict,
@@ -372,7 +386,7 @@ def find_lr(model: nn.Module, make_optimizer: Callable[[float], torch.optim.Opti
         return inside(k) and (max_candidates is None or k in tried or len(tried) < max_candidates)
 
     try:
-        start_loss = _mean_loss(model, held_out, loss_fn)
+        start_loss = mean_loss(model, held_out, loss_fn)
         state = (settled_state(model, make_optimizer, settle_batches, max_grad_norm=max_grad_norm, loss_fn=loss_fn)
                  if settle_batches else None)
 
@@ -452,7 +466,7 @@ def search_training_data(model: nn.Module, rows: Sequence[dict], collate: Callab
                           step_overhead=overhead)
     if len(probe.train) < MIN_PROBE_STEPS:  # not worth its cost: only the start's loss, for the record
         t0 = time.perf_counter()
-        start_loss = _mean_loss(model, probe.held_out, _default_loss)
+        start_loss = mean_loss(model, probe.held_out, _default_loss)
         search = LrSearch(chosen=fallback, candidates=[], start_loss=start_loss, steps_per_candidate=len(probe.train),
                           probe_batch_size=_batch_size(probe.train[0]), held_out_batches=len(probe.held_out),
                           seconds=round(time.perf_counter() - t0, 3), rule=TOO_FEW_STEPS)

@@ -25,7 +25,6 @@ Each measurement is one JSON file under `line-probe/<variant>/`; the summary is 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import statistics
@@ -42,7 +41,7 @@ from benchmarks.quality import harness  # noqa: E402
 from benchmarks.quality.executor import Workloads, done_records  # noqa: E402
 from benchmarks.quality.grid import MODES, RESULTS, auto_specs  # noqa: E402
 from benchmarks.quality.stats import Cells  # noqa: E402
-from gorafit.lr_finder import settled_state  # noqa: E402
+from gorafit.lr_finder import mean_loss, resume_optimizer, settled_state  # noqa: E402
 from goraplan.files import write_json_atomic, write_text_atomic  # noqa: E402
 
 OUT = RESULTS / "line-probe"
@@ -67,13 +66,6 @@ def probe_rows(wl: harness.Workload, seed: int, held: int) -> tuple[list[dict], 
     return steps[:-1], steps[-1], held_out
 
 
-def held_loss(model: torch.nn.Module, held_out: list[dict]) -> float:
-    model.eval()
-    with torch.no_grad():
-        value = sum(model(**b).loss.item() for b in held_out) / len(held_out)
-    return value if math.isfinite(value) else math.inf
-
-
 def measure(wl: harness.Workload, spec, held: int, in_sample: bool = False, steps: int = 1,
             later_on: str = "same") -> dict:
     setup, _, _ = harness.prepare(wl, spec)
@@ -89,24 +81,19 @@ def measure(wl: harness.Workload, spec, held: int, in_sample: bool = False, step
     model(**direction).loss.backward()
     torch.nn.utils.clip_grad_norm_(params, harness.MAX_GRAD_NORM)
     grads = [p.grad.detach().clone() for p in params]
-    start = held_loss(model, held_out)
+    start = mean_loss(model, held_out)
     curve = []
     for lr in LATTICE:
-        optimizer = setup.make_optimizer(lr)
-        peak = [g["lr"] for g in optimizer.param_groups]
-        optimizer.load_state_dict(copy.deepcopy(state))
-        for g, top in zip(optimizer.param_groups, peak, strict=True):
-            g["lr"] = top
+        optimizer = resume_optimizer(setup.make_optimizer, lr, state)
         for p, g in zip(params, grads, strict=True):
             p.grad = g.clone()
         optimizer.step()
         for k in range(steps - 1):  # later steps: a fresh gradient at the moved weights, of the same batch or another
             optimizer.zero_grad(set_to_none=True)
-            model.train()
             model(**(direction if later_on == "same" else settle[-1 - k])).loss.backward()
             torch.nn.utils.clip_grad_norm_(params, harness.MAX_GRAD_NORM)
             optimizer.step()
-        curve.append({"lr": lr, "held_out_loss": held_loss(model, held_out)})
+        curve.append({"lr": lr, "held_out_loss": mean_loss(model, held_out)})
         with torch.no_grad():
             for p, s in zip(params, saved, strict=True):
                 p.copy_(s)
